@@ -136,7 +136,8 @@ def prefill(params, tokens, kv_start, max_tokens, min_tokens, stop_ids, sampling
     return _pick_and_advance(state, logits, flags)
 
 
-def _decode_step(params, cfg: ModelConfig, state: DecodeState, flags: SamplerFlags) -> DecodeState:
+def decode_logits(params, cfg: ModelConfig, state: DecodeState) -> tuple[jax.Array, Any]:
+    """Run ``state.last_token`` through the model at ``state.slot``: (logits [B,V], caches)."""
     slot = state.slot
     positions = (slot - state.kv_start)[:, None]
 
@@ -148,8 +149,12 @@ def _decode_step(params, cfg: ModelConfig, state: DecodeState, flags: SamplerFla
 
     hidden, caches = llama.forward(params, cfg, state.last_token[:, None], positions, attend,
                                    state.caches)
-    logits = llama.lm_head(params, cfg, hidden[:, -1])
-    state = state.replace(caches=caches, slot=slot + 1)
+    return llama.lm_head(params, cfg, hidden[:, -1]), caches
+
+
+def _decode_step(params, cfg: ModelConfig, state: DecodeState, flags: SamplerFlags) -> DecodeState:
+    logits, caches = decode_logits(params, cfg, state)
+    state = state.replace(caches=caches, slot=state.slot + 1)
     return _pick_and_advance(state, logits, flags)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.attention import resolve_impl
+from jaxllm.compilation import enable_compilation_cache
 from jaxllm.generation import StaticBatch, bucket
 from jaxllm.models import llama
 from jaxllm.outputs import RequestOutput, TextTracker
@@ -24,26 +25,6 @@ Prompt = Union[str, Sequence[int]]
 Messages = list[dict[str, str]]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
-    """Turn on JAX's persistent compilation cache (once per process).
-
-    Location: ``path``, else ``$JAXLLM_COMPILATION_CACHE``, else
-    ``~/.cache/jaxllm/xla``; ``JAXLLM_COMPILATION_CACHE=0`` disables it.  An
-    already-configured cache directory is left alone.
-    """
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
-    path = path or os.environ.get("JAXLLM_COMPILATION_CACHE")
-    if path in ("0", "off", "false"):
-        return None
-    path = str(path or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxllm" / "xla")
-    jax.config.update("jax_compilation_cache_dir", path)
-    # cache every program: start-up is many small compiles, not a few big ones
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
 
 
 class LLM:
