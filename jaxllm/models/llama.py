@@ -175,6 +175,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def linear(x: jax.Array, lp: Params, name: str) -> jax.Array:
+    """``x @ lp[name]``: every projection of a layer goes through here (the hook for
+    adapters and quantized weights)."""
+    return x @ lp[name]
+
+
 def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
            layer_cache: Any, attend: AttendFn) -> tuple[jax.Array, Any]:
     b, t, _ = x.shape
@@ -183,7 +189,7 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.
         with jax.named_scope("norm"):
             h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         with jax.named_scope("qkv_proj"):
-            q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+            q, k, v = linear(h, lp, "wq"), linear(h, lp, "wk"), linear(h, lp, "wv")
             if cfg.attention_bias:
                 q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         with jax.named_scope("rope"):
@@ -193,11 +199,11 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.
         with jax.named_scope("attend"):
             out, layer_cache = attend(q, k, v, layer_cache)
         with jax.named_scope("o_proj"):
-            x = x + out.reshape(b, t, cfg.num_heads * hd).astype(x.dtype) @ lp["wo"]
+            x = x + linear(out.reshape(b, t, cfg.num_heads * hd).astype(x.dtype), lp, "wo")
     with jax.named_scope("mlp"):
         with jax.named_scope("norm"):
             h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-        x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+        x = x + linear(jax.nn.silu(linear(h, lp, "w_gate")) * linear(h, lp, "w_up"), lp, "w_down")
     return x, layer_cache
 
 
