@@ -55,7 +55,7 @@ class LLM:
         loaded = load_model(model, dtype=dtype)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.model_path = loaded.path
+        self.model_path = loaded.source
         self.dtype = dtype
         params = loaded.params if scan_layers else llama.unstack_layers(loaded.params)
         self.params = jax.device_put(params)
@@ -64,13 +64,17 @@ class LLM:
             raise ValueError(f"max_model_len must be in [2, {limit}] for this model, got {max_model_len}")
         self.max_model_len = max_model_len or limit
         self.max_batch_size = max_batch_size
-        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids or self.config.eos_token_ids)
+        tok_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
+        self.eos_token_ids = tuple(tok_eos or self.config.eos_token_ids)
         self._rng = random.Random(seed)
 
     # ------------------------------------------------------------------ inputs
 
     def _encode(self, prompt: Prompt, index: int) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index} is text, but {self.model_path} has no tokenizer "
+                                 "(tokenizer.json); pass token ids instead")
             ids = self.tokenizer.encode(prompt)
             text = prompt
         elif isinstance(prompt, (list, tuple, np.ndarray)):

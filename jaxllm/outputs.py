@@ -54,9 +54,13 @@ class TextTracker:
     the start of a stop string, and never a partial UTF-8 character.
     """
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams) -> None:
+        if tokenizer is None and params.stop:
+            raise ValueError("SamplingParams.stop needs a tokenizer; this model has none")
         self.params = params
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
+        # no tokenizer (token-id-only model): token ids are tracked, text stays empty
+        self.detok = tokenizer and IncrementalDetokenizer(
+            tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -75,7 +79,8 @@ class TextTracker:
                 break
             self.token_ids.append(int(tok))
             before = len(self.text)
-            self.text += self.detok.add([int(tok)])
+            if self.detok is not None:
+                self.text += self.detok.add([int(tok)])
             if self.params.stop and len(self.text) > before:
                 self._check_stop(before)
         return self._delta()

@@ -66,3 +66,23 @@ def smollm2_path():
     from jaxllm.weights import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model through the public API (float32), shared by the session."""
+    from jaxllm import LLM
+
+    return LLM()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own loading of the same GGUF file: the reference implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_path()
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()
