@@ -13,10 +13,12 @@ query/KV heads, ``D`` head dim.  Softmax is always computed in float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Impl = Literal["auto", "pallas", "xla"]
 IMPLS = ("auto", "pallas", "xla")
@@ -93,6 +95,10 @@ def _attention_xla(q, k, v, causal, segment_ids, kv_segment_ids, sliding_window,
         mask = mask & (segment_ids[:, :, None] == kv_segment_ids[:, None, :])
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
+    # A row with no visible key (e.g. T > S under the end-aligned causal mask, or a query
+    # segment with no keys) would get a uniform softmax over masked keys: return zeros,
+    # like the Pallas kernels.
+    probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True)[:, None, None], probs, 0.0)
     out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32))
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
@@ -136,3 +142,272 @@ def cached_attention(
     out = jnp.matmul(probs, v_cache.astype(jnp.float32))  # [B,Hkv,T*G,D]
     out = out.reshape(b, hkv, t, g, d).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
+# =====================================================================================
+# Paged KV cache: cache write, decode attention, ragged (mixed prefill + decode) attention.
+#
+# Pool layout (shared by every impl): ``k_pages, v_pages [P, page_size, Hkv, D]``; token slot
+# ``page * page_size + offset``.  ``block_tables [num_seqs, max_pages] int32`` maps a
+# sequence's logical page j to a pool page; entries past its length are never used for
+# their values (any id; ids are clamped before gathering).  Pages must hold finite values
+# (allocate the pool with zeros): masked-out keys still pass through the PV product.
+# =====================================================================================
+
+
+def write_kv_pages(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slot_mapping: jax.Array,
+    *,
+    impl: Impl = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Write new tokens' ``k, v [N,Hkv,D]`` into the page pools at ``slot_mapping [N]``.
+
+    ``slot < 0`` marks padding tokens (skipped).  Both impls use one XLA scatter per pool
+    (in place when the pools are donated / carried through the jitted step): it moves only
+    ``N*Hkv*D`` elements, so a kernel would not beat it (see docs/kernels.md for timings).
+    """
+    resolve_impl(impl)  # validate
+    num_pages, page = k_pages.shape[:2]
+    slot = slot_mapping.astype(jnp.int32)
+    # Negative indices would wrap around in .at[]: send them out of range so mode="drop"
+    # skips them.
+    slot = jnp.where(slot < 0, num_pages * page, slot)
+    flat_k = k_pages.reshape(num_pages * page, *k_pages.shape[2:])
+    flat_v = v_pages.reshape(num_pages * page, *v_pages.shape[2:])
+    flat_k = flat_k.at[slot].set(k.astype(k_pages.dtype), mode="drop",
+                                 unique_indices=False)
+    flat_v = flat_v.at[slot].set(v.astype(v_pages.dtype), mode="drop")
+    return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+    impl: Impl = "auto",
+) -> jax.Array:
+    """Decode attention: one query per sequence ``q [B,Hq,D]`` at position ``lengths-1``.
+
+    ``block_tables [B, max_pages]``, ``lengths [B]`` (0 -> output zeros).  Optional int8
+    pools with per-token scales ``k_scales, v_scales [P, page_size, Hkv]`` (float32).
+    """
+    impl = resolve_impl(impl)
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    if impl == "pallas":
+        from pallas_kernels.paged_attention import paged_decode_attention as kernel
+
+        return kernel(q, k_pages, v_pages, block_tables, lengths, sm_scale=sm_scale,
+                      soft_cap=soft_cap, sliding_window=sliding_window, k_scales=k_scales,
+                      v_scales=v_scales, interpret=jax.default_backend() == "cpu")
+    b = q.shape[0]
+    lengths = lengths.astype(jnp.int32)
+    return _paged_xla(q[:, None], k_pages, v_pages, block_tables, lengths,
+                      jnp.maximum(lengths - 1, 0)[:, None], (lengths > 0)[:, None],
+                      sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+                      k_scales=k_scales, v_scales=v_scales).reshape(b, *q.shape[1:])
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    cu_q_lens: jax.Array,
+    kv_lens: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    impl: Impl = "auto",
+    block_q: int | None = None,
+) -> jax.Array:
+    """Mixed prefill-chunk + decode attention over paged K/V for a flat token batch.
+
+    ``q [N,Hq,D]``; sequence ``s`` owns rows ``cu_q_lens[s]:cu_q_lens[s+1]``
+    (``cu_q_lens [num_seqs+1]``, non-decreasing) and has ``kv_lens[s]`` keys in its pages
+    (new tokens included, already written).  Its query ``j`` sits at position
+    ``kv_lens[s] - q_len_s + j`` and attends causally.  Rows past ``cu_q_lens[-1]`` and
+    sequences with ``q_len == 0`` (padding) produce zeros / cost nothing.
+
+    ``block_q`` (XLA path): query tokens per block; default from a cost model of the
+    static shapes (1 for decode-like batches, larger for prefill chunks).
+    """
+    impl = resolve_impl(impl)
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    if impl == "pallas":
+        from pallas_kernels.ragged_attention import ragged_paged_attention as kernel
+
+        return kernel(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, sm_scale=sm_scale,
+                      soft_cap=soft_cap, sliding_window=sliding_window,
+                      interpret=jax.default_backend() == "cpu")
+    return _ragged_xla(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens,
+                       sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+                       block_q=block_q)
+
+
+# --------------------------------------------------------------------- XLA paged paths
+#
+# Both paged paths share one routine over *query blocks*: a block holds up to ``bq``
+# query tokens of ONE sequence (decode: one token per block).  K/V are gathered chunk by
+# chunk (``chunk`` tokens of the block's sequence per step) inside a fori_loop whose trip
+# count is the longest span actually needed, with an online softmax in float32.  So the
+# cost scales with the real KV lengths, not with the block-table width, and no
+# [blocks, S, Hkv, D] copy of the cache is ever materialised (large gathers on XLA:CPU
+# also pay page faults on fresh buffers).  Gathered chunks are laid out [n, Hkv, C, D]
+# (D stays innermost: a cheap transpose) and scores use matmul(K, q^T), which XLA:CPU
+# runs ~2x faster than an einsum over the page layout (measured; docs/kernels.md).
+
+_XLA_GATHER_ROW_COST = 14  # cost of gathering one key for a block, in "query rows"
+_XLA_CHUNK_ELEMS = 1 << 19  # gathered K elements per chunk step (~2 MB f32), matmul form
+_XLA_CHUNK_ELEMS_SKINNY = 1 << 18  # ... for the fused multiply-reduce form
+_XLA_SKINNY_ROWS = 8  # blocks with <= this many query rows (decode) use multiply-reduce
+
+
+def _xla_chunk_pages(nblocks: int, page: int, hkv: int, d: int, max_pages: int,
+                     target: int = _XLA_CHUNK_ELEMS) -> int:
+    per_page = max(1, nblocks * page * hkv * d)
+    cp = max(1, target // per_page)
+    cp = min(1 << (cp.bit_length() - 1), max(1, 512 // page))  # pow2, <= 512 tokens
+    return max(1, min(cp, max_pages))
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window"))
+def _paged_xla(qb, k_pages, v_pages, bt_blk, kv_len_blk, q_pos, row_valid, *, sm_scale,
+               soft_cap, sliding_window, k_scales=None, v_scales=None):
+    """Attention of query blocks over their sequences' pages.
+
+    ``qb [nb, bq, Hq, D]``; ``bt_blk [nb, max_pages]`` (block's sequence table);
+    ``kv_len_blk [nb]``; ``q_pos [nb, bq]`` key position of each query;
+    ``row_valid [nb, bq]``.  Returns ``[nb, bq, Hq, D]`` (invalid rows -> 0).
+
+    Two forms of the chunk step (measured on XLA:CPU): blocks with few query rows
+    (decode: G rows) use a fused gather -> multiply -> reduce over the natural page layout
+    (K/V read once, no transposes; ~1.5-2x faster than batched matmuls with N=G);
+    larger blocks gather ``[n, Hkv, C, D]`` and use ``matmul(K, q^T)``.
+    """
+    nb, bq, hq, d = qb.shape
+    num_pages, page, hkv, _ = k_pages.shape
+    g = hq // hkv
+    rows = bq * g
+    skinny = rows <= _XLA_SKINNY_ROWS
+    key_axis = 1 if skinny else 2  # s: [nb, C, Hkv, rows] (skinny) | [nb, Hkv, C, rows]
+    max_pages = bt_blk.shape[1]
+    cp = _xla_chunk_pages(nb, page, hkv, d, max_pages,
+                          _XLA_CHUNK_ELEMS_SKINNY if skinny else _XLA_CHUNK_ELEMS)
+    ct = cp * page
+    n_total = -(-max_pages // cp)
+    bt = jnp.clip(bt_blk.astype(jnp.int32), 0, num_pages - 1)
+    bt = jnp.pad(bt, ((0, 0), (0, n_total * cp - max_pages)))
+    kv_len_blk = jnp.minimum(kv_len_blk.astype(jnp.int32), max_pages * page)
+
+    # [nb, bq, Hkv, G, D] -> [nb, Hkv, rows, D] (row = token * G + head), pre-scaled.
+    qs = qb.astype(jnp.float32) * (sm_scale if soft_cap is None else 1.0)
+    qs = qs.reshape(nb, bq, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(nb, hkv, rows, d)
+    q_op = qs[:, None] if skinny else jnp.swapaxes(qs, 2, 3)  # [nb,1,Hkv,rows,D] | [nb,Hkv,D,rows]
+    pos = jnp.broadcast_to(q_pos[:, :, None], (nb, bq, g)).reshape(nb, 1, 1, rows)
+    valid = jnp.broadcast_to(row_valid[:, :, None], (nb, bq, g)).reshape(nb, 1, 1, rows)
+    kp2 = k_pages.reshape(num_pages, page * hkv * d)
+    vp2 = v_pages.reshape(num_pages, page * hkv * d)
+    ks2 = None if k_scales is None else k_scales.reshape(num_pages, page * hkv)
+    vs2 = None if v_scales is None else v_scales.reshape(num_pages, page * hkv)
+
+    def gather(pool2, scales2, ids):
+        x = pool2[ids].reshape(nb, ct, hkv, d).astype(jnp.float32)
+        if scales2 is not None:
+            x = x * scales2[ids].reshape(nb, ct, hkv, 1).astype(jnp.float32)
+        return x[:, :, :, None, :] if skinny else x.transpose(0, 2, 1, 3)
+
+    def body(c, carry):
+        acc, m, l = carry
+        ids = lax.dynamic_slice_in_dim(bt, c * cp, cp, axis=1)
+        k = gather(kp2, ks2, ids)
+        v = gather(vp2, vs2, ids)
+        s = jnp.sum(k * q_op, axis=-1) if skinny else jnp.matmul(k, q_op)
+        if soft_cap is not None:
+            s = _softcap(s * sm_scale, soft_cap)
+        k_pos = c * ct + jnp.arange(ct, dtype=jnp.int32)
+        k_pos = k_pos[None, :, None, None] if skinny else k_pos[None, None, :, None]
+        mask = (k_pos <= pos) & (k_pos < kv_len_blk[:, None, None, None]) & valid
+        if sliding_window is not None:
+            mask &= pos - k_pos < sliding_window
+        s = jnp.where(mask, s, _NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=key_axis))  # [nb, Hkv, rows]
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - jnp.expand_dims(m_new, key_axis))
+        l_new = alpha * l + jnp.sum(p, axis=key_axis)
+        if skinny:
+            pv = jnp.sum(p[..., None] * v, axis=1)  # [nb, Hkv, rows, D]
+        else:
+            pv = jnp.matmul(jnp.swapaxes(p, 2, 3), v)
+        return acc * alpha[..., None] + pv, m_new, l_new
+
+    init = (jnp.zeros((nb, hkv, rows, d), jnp.float32),
+            jnp.full((nb, hkv, rows), _NEG_INF, jnp.float32),
+            jnp.zeros((nb, hkv, rows), jnp.float32))
+    need = jnp.where(row_valid, jnp.minimum(q_pos + 1, kv_len_blk[:, None]), 0)
+    n_chunks = jnp.minimum((jnp.max(need) + ct - 1) // ct, n_total)
+    acc, m, l = lax.fori_loop(0, n_chunks, body, init)
+    seen = m > 0.5 * _NEG_INF
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    out = out.reshape(nb, hkv, bq, g, d).transpose(0, 2, 1, 3, 4).reshape(nb, bq, hq, d)
+    return out.astype(qb.dtype)
+
+
+def _ragged_block_q(n: int, num_seqs: int, g: int) -> int:
+    """Pick the query-block size minimising ``blocks * (gather cost + rows)`` (static)."""
+    from pallas_kernels._common import ragged_num_blocks
+
+    best, best_cost = 1, None
+    bq = 1
+    while bq <= max(1, n):
+        cost = ragged_num_blocks(n, num_seqs, bq) * (_XLA_GATHER_ROW_COST + bq * g)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = bq, cost
+        bq *= 2
+    return best
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("sm_scale", "soft_cap", "sliding_window", "block_q"))
+def _ragged_xla(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, *, sm_scale, soft_cap,
+                sliding_window, block_q=None):
+    from pallas_kernels._common import ragged_block_metadata
+
+    n, hq, d = q.shape
+    hkv = k_pages.shape[2]
+    num_seqs = block_tables.shape[0]
+    bq = block_q or _ragged_block_q(n, num_seqs, hq // hkv)
+    cu = cu_q_lens.astype(jnp.int32)
+    kv_lens = kv_lens.astype(jnp.int32)
+    meta, nb = ragged_block_metadata(cu, n, bq)
+    seq, q_start, q_cnt, q_off = meta[0], meta[1], meta[2], meta[3]
+    r = jnp.arange(bq, dtype=jnp.int32)
+    tok = jnp.clip(q_start[:, None] + r[None, :], 0, max(n - 1, 0))  # [nb, bq]
+    q_len = cu[seq + 1] - cu[seq]
+    q_pos = (kv_lens[seq] - q_len + q_off)[:, None] + r[None, :]
+    row_valid = r[None, :] < q_cnt[:, None]
+    ob = _paged_xla(q[tok], k_pages, v_pages, block_tables[seq], kv_lens[seq], q_pos,
+                    row_valid, sm_scale=sm_scale, soft_cap=soft_cap,
+                    sliding_window=sliding_window)  # [nb, bq, Hq, D]
+    # Back to the flat token order: token t of sequence s is row (t - cu[s]) % bq of block
+    # first_block[s] + (t - cu[s]) // bq.
+    nblk = (jnp.maximum(cu[1:] - cu[:-1], 0) + bq - 1) // bq
+    first_block = jnp.cumsum(nblk) - nblk
+    t = jnp.arange(n, dtype=jnp.int32)
+    s_of_t = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, num_seqs - 1)
+    local = t - cu[s_of_t]
+    blk = jnp.clip(first_block[s_of_t] + local // bq, 0, nb - 1)
+    out = ob.reshape(nb * bq, hq, d)[blk * bq + local % bq]
+    return jnp.where((t < cu[-1])[:, None, None], out, 0).astype(q.dtype)
