@@ -55,3 +55,16 @@ def test_rope_frequencies_match_transformers():
         mine, my_scale = llama.rope_inv_freq(ours)
         np.testing.assert_allclose(mine, inv.numpy(), rtol=1e-6)
         assert my_scale == pytest.approx(scale)
+
+
+def test_pallas_kernels_through_the_whole_model(tiny_llama):
+    """attention_impl="pallas" (interpret mode on CPU) gives the XLA path's logits."""
+    _, _, loaded = tiny_llama
+    params = jax.tree.map(jnp.asarray, loaded.params)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 19)))
+    segs = jnp.asarray([[1] * 12 + [2] * 7, [1] * 19])  # packed sequences too
+    f = jax.jit(llama.logits, static_argnames=("cfg", "attn_impl"))
+    for seg in (None, segs):
+        xla = f(params, cfg=loaded.config, tokens=tokens, segment_ids=seg, attn_impl="xla")
+        pallas = f(params, cfg=loaded.config, tokens=tokens, segment_ids=seg, attn_impl="pallas")
+        np.testing.assert_allclose(np.asarray(pallas), np.asarray(xla), atol=1e-5, rtol=0)
