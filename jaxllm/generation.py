@@ -93,6 +93,28 @@ def _write_cache(cache, k, v, slot):
     return jax.lax.optimization_barrier((kc, vc))
 
 
+def _forward(model, params, cfg: ModelConfig, tokens, positions, attend, rows, caches):
+    """Run the decoder.  ``attend(rows, q, k, v, cache)`` takes the per-row arrays
+    (leading axis = batch) explicitly so that a sharded ``model`` (``sharding.ShardedModel``,
+    static; None = plain ``llama.forward``) can slice them per data shard / microbatch."""
+    if model is None:
+        return llama.forward(params, cfg, tokens, positions, functools.partial(attend, rows),
+                             caches)
+    return model.forward(params, cfg, tokens, positions, attend, rows, caches)
+
+
+def _lm_head(model, params, cfg: ModelConfig, hidden):
+    return (llama.lm_head if model is None else model.lm_head)(params, cfg, hidden)
+
+
+def _to_host(tree):
+    """``device_get`` that also works for arrays spread over several processes."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def empty_caches(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any, stacked: bool):
     shape_k = (batch, cfg.num_kv_heads, cfg.head_dim, cache_len)
     shape_v = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
@@ -102,25 +124,32 @@ def empty_caches(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any, stack
     return [(jnp.zeros(shape_k, dtype), jnp.zeros(shape_v, dtype)) for _ in range(cfg.num_layers)]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "flags", "impl"))
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "flags", "impl", "model"))
 def prefill(params, tokens, kv_start, max_tokens, min_tokens, stop_ids, sampling, *,
-            cfg: ModelConfig, cache_len: int, flags: SamplerFlags, impl: str) -> DecodeState:
-    """Run the left-padded prompt batch ``tokens [B, P]`` and sample the first token."""
+            cfg: ModelConfig, cache_len: int, flags: SamplerFlags, impl: str,
+            model: Any = None) -> DecodeState:
+    """Run the left-padded prompt batch ``tokens [B, P]`` and sample the first token.
+
+    ``model``: None, or a ``sharding.ShardedModel`` to run on its mesh."""
     b, p = tokens.shape
     idx = jnp.arange(p)[None, :]
     positions = jnp.maximum(idx - kv_start[:, None], 0)
     segment_ids = (idx >= kv_start[:, None]).astype(jnp.int32)  # padding is segment 0
 
-    def attend(q, k, v, cache):
-        out = attention(q, k, v, causal=True, segment_ids=segment_ids,
+    def attend(rows, q, k, v, cache):
+        out = attention(q, k, v, causal=True, segment_ids=rows["segment_ids"],
                         sliding_window=cfg.sliding_window, impl=impl)
         return out, _write_cache(cache, k, v, 0)
 
-    stacked = isinstance(params["layers"], dict)
-    caches = empty_caches(cfg, b, cache_len, params["embed"].dtype, stacked)
+    if model is None:
+        stacked = isinstance(params["layers"], dict)
+        caches = empty_caches(cfg, b, cache_len, params["embed"].dtype, stacked)
+    else:
+        caches = model.empty_caches(cfg, b, cache_len, params["embed"].dtype)
     with jax.named_scope("prefill"):
-        hidden, caches = llama.forward(params, cfg, tokens, positions, attend, caches)
-        logits = llama.lm_head(params, cfg, hidden[:, -1])
+        hidden, caches = _forward(model, params, cfg, tokens, positions, attend,
+                                  {"segment_ids": segment_ids}, caches)
+        logits = _lm_head(model, params, cfg, hidden[:, -1])
     counts = prompt_mask = None
     if flags.penalties:
         rows = jnp.arange(b)[:, None]
@@ -136,31 +165,33 @@ def prefill(params, tokens, kv_start, max_tokens, min_tokens, stop_ids, sampling
     return _pick_and_advance(state, logits, flags)
 
 
-def decode_logits(params, cfg: ModelConfig, state: DecodeState) -> tuple[jax.Array, Any]:
+def decode_logits(params, cfg: ModelConfig, state: DecodeState,
+                  model: Any = None) -> tuple[jax.Array, Any]:
     """Run ``state.last_token`` through the model at ``state.slot``: (logits [B,V], caches)."""
     slot = state.slot
     positions = (slot - state.kv_start)[:, None]
 
-    def attend(q, k, v, cache):
+    def attend(rows, q, k, v, cache):
         cache = _write_cache(cache, k, v, slot)
-        out = cached_attention(q, *cache, q_slot=slot, kv_start=state.kv_start,
+        out = cached_attention(q, *cache, q_slot=slot, kv_start=rows["kv_start"],
                                sliding_window=cfg.sliding_window)
         return out, cache
 
-    hidden, caches = llama.forward(params, cfg, state.last_token[:, None], positions, attend,
-                                   state.caches)
-    return llama.lm_head(params, cfg, hidden[:, -1]), caches
+    hidden, caches = _forward(model, params, cfg, state.last_token[:, None], positions, attend,
+                              {"kv_start": state.kv_start}, state.caches)
+    return _lm_head(model, params, cfg, hidden[:, -1]), caches
 
 
-def _decode_step(params, cfg: ModelConfig, state: DecodeState, flags: SamplerFlags) -> DecodeState:
-    logits, caches = decode_logits(params, cfg, state)
+def _decode_step(params, cfg: ModelConfig, state: DecodeState, flags: SamplerFlags,
+                 model: Any = None) -> DecodeState:
+    logits, caches = decode_logits(params, cfg, state, model)
     state = state.replace(caches=caches, slot=state.slot + 1)
     return _pick_and_advance(state, logits, flags)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "flags", "model"), donate_argnames=("state",))
 def decode(params, state: DecodeState, num_steps, *, cfg: ModelConfig,
-           flags: SamplerFlags) -> DecodeState:
+           flags: SamplerFlags, model: Any = None) -> DecodeState:
     """Generate up to ``num_steps`` tokens per row in one dispatch (fewer if all rows finish)."""
     s = jax.tree.leaves(state.caches)[0].shape[-1]
 
@@ -171,7 +202,7 @@ def decode(params, state: DecodeState, num_steps, *, cfg: ModelConfig,
     def body(carry):
         st, i = carry
         with jax.named_scope("decode_step"):
-            return _decode_step(params, cfg, st, flags), i + 1
+            return _decode_step(params, cfg, st, flags, model), i + 1
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.asarray(0, jnp.int32)))
     return state
@@ -182,10 +213,13 @@ class StaticBatch:
 
     def __init__(self, params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                  params_list: Sequence[SamplingParams], eos_ids: Sequence[int], *,
-                 max_model_len: int, impl: str, rng: random.Random | None = None) -> None:
-        self.params, self.cfg, self.impl = params, cfg, impl
+                 max_model_len: int, impl: str, rng: random.Random | None = None,
+                 model: Any = None) -> None:
+        self.params, self.cfg, self.impl, self.model = params, cfg, impl, model
         self.n = len(prompts)
         b = batch_bucket(self.n)
+        if model is not None:  # sharded: the batch must split over the data replicas
+            b = model.pad_batch(b)
         longest = max(len(p) for p in prompts)
         self.prompt_len = p = bucket(longest)
         max_new = max(sp.max_tokens for sp in params_list)
@@ -211,17 +245,17 @@ class StaticBatch:
         with jax.profiler.TraceAnnotation("prefill"):
             self.state = prefill(self.params, tokens, kv_start, max_tokens, min_tokens, stop_ids,
                                  sampling, cfg=cfg, cache_len=self.cache_len, flags=self.flags,
-                                 impl=impl)
+                                 impl=impl, model=model)
 
     def step(self, num_steps: int) -> None:
         with jax.profiler.TraceAnnotation("decode"):
             self.state = decode(self.params, self.state, jnp.asarray(num_steps, jnp.int32),
-                                cfg=self.cfg, flags=self.flags)
+                                cfg=self.cfg, flags=self.flags, model=self.model)
 
     def fetch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(out_tokens [n, N], num_generated [n], done [n]) on the host."""
-        out, num, done = jax.device_get((self.state.out_tokens, self.state.num_generated,
-                                         self.state.done))
+        out, num, done = _to_host((self.state.out_tokens, self.state.num_generated,
+                                   self.state.done))
         return out[:self.n], num[:self.n], done[:self.n]
 
     def finish_rows(self, rows: Sequence[int]) -> None:
