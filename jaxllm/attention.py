@@ -118,7 +118,8 @@ def cached_attention(
 
     ``q [B,T,Hq,D]``; ``k_cache [B,Hkv,D,S]`` (keys stored transposed so the
     score product is a plain batched matmul, which XLA:CPU runs ~1.5x faster than
-    the einsum over ``[B,S,Hkv,D]``); ``v_cache [B,Hkv,S,D]``.  Query ``t`` sits
+    the einsum over ``[B,S,Hkv,D]``); ``v_cache [B,Hkv,S,D]``.  The cache may hold more
+    rows than ``q`` (spare rows are ignored).  Query ``t`` sits
     at cache slot ``q_slot + t`` (shared by the batch: prompts are left-padded);
     row ``b``'s valid slots start at ``kv_start[b]``.  Used by the static-batch
     generate loop; the paged engine uses :func:`ragged_paged_attention`.
@@ -127,6 +128,12 @@ def cached_attention(
     hkv, s = k_cache.shape[1], k_cache.shape[3]
     g = hq // hkv
     sm_scale = d ** -0.5 if sm_scale is None else sm_scale
+    rows = k_cache.shape[0]
+    if rows > b:  # the cache keeps spare rows (see generation.empty_caches): pad, slice back
+        return cached_attention(
+            jnp.pad(q, ((0, rows - b), (0, 0), (0, 0), (0, 0))), k_cache, v_cache,
+            q_slot=q_slot, kv_start=jnp.pad(kv_start, (0, rows - b)),
+            sliding_window=sliding_window, sm_scale=sm_scale, soft_cap=soft_cap)[:b]
     # [B,T,Hkv,G,D] -> [B,Hkv,T*G,D]
     qh = q.astype(jnp.float32).reshape(b, t, hkv, g, d).transpose(0, 2, 1, 3, 4)
     qh = qh.reshape(b, hkv, t * g, d)

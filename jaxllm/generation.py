@@ -116,6 +116,9 @@ def _to_host(tree):
 
 
 def empty_caches(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any, stacked: bool):
+    # At least 2 rows: with a size-1 batch dim XLA:CPU duplicates the cache update into
+    # the attention fusion and copies the whole cache every step (measured ~2x per layer).
+    batch = max(batch, 2)
     shape_k = (batch, cfg.num_kv_heads, cfg.head_dim, cache_len)
     shape_v = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
     if stacked:
