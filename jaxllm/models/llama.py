@@ -175,10 +175,37 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
 def linear(x: jax.Array, lp: Params, name: str) -> jax.Array:
     """``x @ lp[name]``: every projection of a layer goes through here (the hook for
-    adapters and quantized weights)."""
-    return x @ lp[name]
+    adapters and quantized weights).
+
+    LoRA (``jaxllm.train.lora``): when ``lp`` holds ``f"{name}_lora_a" [in, r]`` and
+    ``f"{name}_lora_b" [r, out]`` the result is ``x @ W + scale * (drop(x) @ A) @ B``
+    with ``scale = lp["lora_scale"]`` (1 when absent; inference adapters have it
+    folded into B) and dropout only when ``lp`` carries ``lora_dropout_rng`` and
+    ``lora_dropout_rate`` (training).
+    """
+    y = x @ lp[name]
+    if f"{name}_lora_a" in lp:
+        y = y + _lora_delta(x, lp, name).astype(y.dtype)
+    return y
+
+
+def _lora_delta(x: jax.Array, lp: Params, name: str) -> jax.Array:
+    h = x
+    if "lora_dropout_rng" in lp:
+        rate = lp["lora_dropout_rate"]
+        key = jax.random.fold_in(lp["lora_dropout_rng"], LORA_TARGETS.index(name))
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        h = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
+    a, b = lp[f"{name}_lora_a"], lp[f"{name}_lora_b"]
+    d = (h @ a.astype(h.dtype)) @ b.astype(h.dtype)
+    if "lora_scale" in lp:
+        d = d * lp["lora_scale"].astype(d.dtype)
+    return d
 
 
 def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
