@@ -38,15 +38,34 @@ class LLM:
         scan_layers: run layers under ``lax.scan`` (flat compile time) instead of
             unrolled (faster on XLA:CPU).  Default: unrolled.
         max_model_len: context limit (prompt + output); defaults to the model's.
-        max_batch_size: prompts per padded batch.
+        max_batch_size: prompts per padded batch (static batching only).
         seed: seeds the random seeds of requests that do not set ``seed``.
         compilation_cache: enable JAX's persistent compilation cache.
+
+    Engine arguments (vLLM's names; see ``jaxllm.engine.EngineConfig`` and docs/engine.md):
+        page_size: tokens per KV page (power of two).
+        num_pages: KV pages in the pool; None sizes it from ``memory_utilization``.
+        memory_utilization: fraction of device memory for the KV pool (CPU: of RAM,
+            capped by ``$JAXLLM_CPU_KVCACHE_SPACE`` GiB, default 4).
+        kv_cache_dtype: KV pool dtype; None: the weights' dtype.
+        max_num_seqs: sequences per engine step.
+        max_num_batched_tokens: tokens per engine step.
+        enable_prefix_caching: reuse computed prompt pages across requests.
+        enable_chunked_prefill: split long prompts over several steps.
+        num_scheduler_steps: decode tokens per dispatch when no request needs the host.
+        static_batching: run ``generate``/``stream`` on the static-batch baseline
+            (``jaxllm.generation``) instead of the paged continuous-batching engine.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str = "float32",
                  attention_impl: str = "auto", scan_layers: bool = False,
                  max_model_len: int | None = None, max_batch_size: int = 64, seed: int = 0,
-                 compilation_cache: bool = True) -> None:
+                 compilation_cache: bool = True, page_size: int = 16,
+                 num_pages: int | None = None, memory_utilization: float = 0.9,
+                 kv_cache_dtype: str | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True, num_scheduler_steps: int = 8,
+                 static_batching: bool = False) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.attention_impl = resolve_impl(attention_impl)
@@ -67,6 +86,29 @@ class LLM:
         tok_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
         self.eos_token_ids = tuple(tok_eos or self.config.eos_token_ids)
         self._rng = random.Random(seed)
+        self.static_batching = static_batching
+        from jaxllm.engine.engine import EngineConfig
+
+        self.engine_config = EngineConfig(
+            max_model_len=self.max_model_len, page_size=page_size, num_pages=num_pages,
+            memory_utilization=memory_utilization, kv_cache_dtype=kv_cache_dtype,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill,
+            num_scheduler_steps=num_scheduler_steps, attention_impl=self.attention_impl,
+            seed=seed)
+        self.engine_config.validate()
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The paged continuous-batching engine (created, with its KV pool, on first use)."""
+        if self._engine is None:
+            from jaxllm.engine.engine import LLMEngine
+
+            self._engine = LLMEngine(self.params, self.config, tokenizer=self.tokenizer,
+                                     eos_token_ids=self.eos_token_ids, config=self.engine_config)
+        return self._engine
 
     # ------------------------------------------------------------------ inputs
 
@@ -119,10 +161,12 @@ class LLM:
             prompts = [prompts]
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
         sps = self._per_prompt(sampling_params, len(encoded))
+        if not self.static_batching:
+            return self._generate_engine(encoded, sps)
         for sp in sps:
             if sp.use_beam_search or (sp.best_of or sp.n) > sp.n:
-                raise ValueError("SamplingParams.use_beam_search / best_of need the paged engine, "
-                                 "which this LLM does not run yet")
+                raise ValueError("SamplingParams.use_beam_search / best_of need the paged engine "
+                                 "(this LLM runs with static_batching=True)")
         # expand n > 1 into rows; seeded requests get seed, seed+1, ...
         rows: list[tuple[int, list[int], SamplingParams]] = []
         for i, ((_, ids), sp) in enumerate(zip(encoded, sps)):
@@ -142,6 +186,46 @@ class LLM:
                                          prompt_token_ids=ids,
                                          outputs=[t.completion(j) for j, t in enumerate(mine)]))
         return outputs
+
+    def _generate_engine(self, encoded: list[tuple[str | None, list[int]]],
+                         sps: list[SamplingParams]) -> list[RequestOutput]:
+        eng = self.engine
+        reqs = []
+        for i, ((text, ids), sp) in enumerate(zip(encoded, sps)):
+            try:
+                reqs.append(eng._prepare(None, ids if text is None else text, sp,
+                                         prompt_token_ids=ids))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"prompt {i}: {e}") from None
+        for r in reqs:
+            eng._admit(r)
+        want = {r.request_id: i for i, r in enumerate(reqs)}
+        results: list[RequestOutput | None] = [None] * len(reqs)
+        try:
+            while any(r is None for r in results):
+                for o in eng.step():
+                    if o.finished and o.request_id in want:
+                        results[want[o.request_id]] = o
+        except BaseException:
+            for r in reqs:
+                eng.abort(r.request_id)
+            raise
+        return results  # type: ignore[return-value]
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], beam_width: int = 4,
+                    max_tokens: int = 16, *, length_penalty: float = 1.0,
+                    ignore_eos: bool = False) -> list[RequestOutput]:
+        """Beam search (vLLM's algorithm, see ``jaxllm.engine.beam``): one `RequestOutput`
+        per prompt whose ``outputs`` are the ``beam_width`` best beams, best first
+        (``cumulative_logprob`` set).  Runs on the paged engine."""
+        sp = SamplingParams(n=beam_width, use_beam_search=True, temperature=0.0,
+                            max_tokens=max_tokens, length_penalty=length_penalty,
+                            ignore_eos=ignore_eos)
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        return self._generate_engine(encoded, [sp] * len(encoded))
 
     def _run_batch(self, prompts: list[list[int]], sps: list[SamplingParams],
                    trackers: list[TextTracker], chunk: int | None) -> Iterator[list[str]]:
@@ -177,12 +261,35 @@ class LLM:
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                chunk: int = 4) -> Iterator[str]:
         """Yield the completion's text as it is generated (``chunk`` tokens per dispatch)."""
-        _, ids = self._encode(prompt, 0)
+        text, ids = self._encode(prompt, 0)
         sp = sampling_params or SamplingParams()
+        if not self.static_batching:
+            yield from self._stream_engine(text, ids, sp)
+            return
         tracker = TextTracker(self.tokenizer, sp)
         for deltas in self._run_batch([ids], [sp], [tracker], chunk=chunk):
             if deltas[0]:
                 yield deltas[0]
+
+    def _stream_engine(self, text: str | None, ids: list[int],
+                       sp: SamplingParams) -> Iterator[str]:
+        eng = self.engine
+        req = eng._prepare(None, ids if text is None else text, sp, prompt_token_ids=ids)
+        eng._admit(req)
+        shown = 0
+        try:
+            while True:
+                for o in eng.step():
+                    if o.request_id != req.request_id:
+                        continue
+                    t = o.outputs[0].text
+                    if len(t) > shown:
+                        yield t[shown:]
+                        shown = len(t)
+                    if o.finished:
+                        return
+        finally:
+            eng.abort(req.request_id)  # no-op when finished; frees pages if the caller stops
 
     def chat(self, messages: Messages | Sequence[Messages],
              sampling_params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:

@@ -216,17 +216,17 @@ class BlockAllocator:
         return compute_slot_mapping(self._tables[seq.seq_id], self.block_size, start, end)
 
     # ------------------------------------------------------------------ new sequences
-    def num_blocks_to_allocate(self, seq: SeqLike) -> int:
+    def num_blocks_to_allocate(self, seq: SeqLike, use_prefix_cache: bool = True) -> int:
         """How many of ``num_free_blocks`` :meth:`allocate` would consume for ``seq``."""
-        hits = self._lookup(seq)
+        hits = self._lookup(seq) if use_prefix_cache else []
         n_new = self.num_blocks_for_tokens(len(seq.token_ids)) - len(hits)
         n_revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
         return n_new + n_revived
 
-    def can_allocate(self, seq: SeqLike) -> bool:
-        return self.num_blocks_to_allocate(seq) <= self.num_free_blocks
+    def can_allocate(self, seq: SeqLike, use_prefix_cache: bool = True) -> bool:
+        return self.num_blocks_to_allocate(seq, use_prefix_cache) <= self.num_free_blocks
 
-    def allocate(self, seq: SeqLike) -> int:
+    def allocate(self, seq: SeqLike, use_prefix_cache: bool = True) -> int:
         """Give ``seq`` blocks for all of its current tokens; return ``num_cached_tokens``.
 
         The longest prefix of full blocks found in the prefix cache is reused (ref count
@@ -236,13 +236,15 @@ class BlockAllocator:
         finishes the prompt produces logits.
 
         Works for new prompts and for recompute after preemption (prompt + outputs).
+        ``use_prefix_cache=False`` skips the lookup (every token is computed: e.g. a request
+        that wants prompt log-probs); the blocks are still registered once computed.
         """
         if seq.seq_id in self._tables:
             raise ValueError(f"sequence {seq.seq_id} already has blocks")
         num_tokens = len(seq.token_ids)
         if num_tokens == 0:
             raise ValueError("cannot allocate an empty sequence")
-        hits = self._lookup(seq)
+        hits = self._lookup(seq) if use_prefix_cache else []
         n_new = self.num_blocks_for_tokens(num_tokens) - len(hits)
         n_revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
         if n_new + n_revived > self.num_free_blocks:

@@ -3,7 +3,24 @@
 from jaxllm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from jaxllm.engine.sequence import Request, Sequence, SequenceGroup, SequenceStatus
 
+
+def __getattr__(name):
+    # the device side (jax) loads only when asked for
+    if name in ("LLMEngine", "EngineConfig"):
+        from jaxllm.engine import engine
+
+        return getattr(engine, name)
+    if name == "AsyncLLMEngine":
+        from jaxllm.engine.async_engine import AsyncLLMEngine
+
+        return AsyncLLMEngine
+    raise AttributeError(f"module 'jaxllm.engine' has no attribute {name!r}")
+
+
 __all__ = [
+    "AsyncLLMEngine",
+    "EngineConfig",
+    "LLMEngine",
     "Request",
     "ScheduledSequence",
     "Scheduler",

@@ -194,12 +194,14 @@ class Scheduler:
         *,
         n: int = 1,
         arrival_time: float | None = None,
+        use_prefix_cache: bool = True,
     ) -> SequenceGroup:
         """Queue a request with one sequence; return its :class:`SequenceGroup`.
 
         ``n`` is the most sequences the request will run at once (n > 1 sampling, beam
         width): seats are reserved at admission and :meth:`fork_seq` may add up to ``n - 1``
         sequences. Raises ValueError when the prompt can never be scheduled.
+        ``use_prefix_cache=False`` computes every prompt token (no prefix-cache lookup).
         """
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} already exists")
@@ -231,6 +233,7 @@ class Scheduler:
             arrival_time=time.time() if arrival_time is None else arrival_time,
             arrival_order=order,
             max_num_running_seqs=n,
+            use_prefix_cache=use_prefix_cache,
         )
         self._requests[request_id] = group
         self._seqs[seq.seq_id] = seq
@@ -325,11 +328,12 @@ class Scheduler:
                     break
                 if not self.enable_chunked_prefill and sum(s.num_tokens for s in seqs) > budget:
                     break  # (an upper bound: cache hits would make it smaller)
-                if sum(alloc.num_blocks_to_allocate(s) for s in seqs) > alloc.num_free_blocks:
+                use_cache = group.use_prefix_cache
+                if sum(alloc.num_blocks_to_allocate(s, use_cache) for s in seqs) > alloc.num_free_blocks:
                     break
                 self.waiting.popleft()
                 for s in seqs:
-                    cached = alloc.allocate(s)
+                    cached = alloc.allocate(s, use_cache)
                     s.num_computed_tokens = cached
                     s.num_cached_tokens = cached
                     s.status = SequenceStatus.RUNNING
@@ -394,6 +398,55 @@ class Scheduler:
                 seq.append_token(int(token))
                 new_token_seqs.append(seq)
         return new_token_seqs
+
+    # ------------------------------------------------------------------ multi-step decode
+    def reserve_lookahead(self, output: SchedulerOutput, num_slots: Mapping[int, int]) -> list[tuple[int, int]] | None:
+        """Reserve KV slots for ``num_slots[seq_id]`` tokens (from the token this step feeds)
+        for decode entries of ``output``, so the device can run several decode steps in one
+        dispatch. All or nothing: returns the extra copy-on-write copies to apply before the
+        step, or None (nothing reserved) when the pool cannot take them.
+
+        Call between :meth:`schedule` and :meth:`update`; after the step, feed the extra
+        tokens with :meth:`extend_decoded`. Unused reserved blocks stay in the table until
+        the sequence is freed.
+        """
+        if output is not self._pending:
+            raise RuntimeError("reserve_lookahead() needs the output of the latest schedule()")
+        alloc = self.allocator
+        groups: dict[int, list[Sequence]] = {}
+        for e in output.scheduled_seqs:
+            n = num_slots.get(e.seq_id, 1)
+            if e.is_prefill or n <= 1:
+                continue
+            groups.setdefault(n, []).append(self._seqs[e.seq_id])
+        if not groups:
+            return []
+        need = sum(alloc.num_blocks_to_append_all(seqs, n) for n, seqs in groups.items())
+        if need > alloc.num_free_blocks:
+            return None
+        pending = alloc.take_pending_copies()  # keep anything queued out of the way
+        for n, seqs in groups.items():
+            for s in seqs:
+                alloc.append_slots(s, n)
+        extra = alloc.take_pending_copies()
+        alloc._pending_copies = pending  # noqa: SLF001 - restore (normally empty)
+        return extra
+
+    def extend_decoded(self, seq_id: int, token_ids: Seq[int]) -> Sequence | None:
+        """Multi-step decode: after :meth:`update` gave a sequence the first token of a
+        dispatch, append the tokens the device produced after it. Each appended token means
+        the previous one's KV was written (``num_computed_tokens`` + 1). Returns the sequence
+        (None if it finished meanwhile)."""
+        seq = self._seqs.get(seq_id)
+        if seq is None or seq.status is not SequenceStatus.RUNNING:
+            return None
+        for t in token_ids:
+            if seq.num_uncomputed_tokens != 1:
+                raise RuntimeError(f"sequence {seq_id} is not decoding")
+            seq.num_computed_tokens += 1
+            self.allocator.commit_tokens(seq)
+            seq.append_token(int(t))
+        return seq
 
     # ------------------------------------------------------------------ n > 1 / beams
     def fork_seq(self, parent_seq_id: int, new_token_id: int | None = None) -> Sequence:

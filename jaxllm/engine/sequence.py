@@ -143,6 +143,17 @@ class Sequence:
         self.output_token_ids[-1] = token_id
         self._token_ids[-1] = token_id
 
+    def pop_token(self) -> int:
+        """Remove and return the last *output* token while its KV is not computed yet.
+
+        Beam search: the engine takes the sampled placeholder back and appends the token
+        the beam step chooses (possibly a step later, when all beams have their logits).
+        """
+        if not self.output_token_ids or self.num_computed_tokens >= len(self._token_ids):
+            raise ValueError(f"sequence {self.seq_id}: last token is not an uncomputed output token")
+        self._token_ids.pop()
+        return self.output_token_ids.pop()
+
     def fork(self, new_seq_id: int) -> "Sequence":
         """Copy of this sequence's tokens and progress under a new id (no blocks yet).
 
@@ -182,6 +193,8 @@ class SequenceGroup:
         arrival_order: FCFS order assigned by the scheduler.
         max_num_running_seqs: how many sequences this request may run at once
             (SamplingParams.n / beam width); the scheduler reserves that many seats.
+        use_prefix_cache: reuse cached prefix blocks at admission (False: compute every
+            prompt token, e.g. for prompt log-probs).
     """
 
     __slots__ = (
@@ -191,6 +204,7 @@ class SequenceGroup:
         "arrival_time",
         "arrival_order",
         "max_num_running_seqs",
+        "use_prefix_cache",
     )
 
     def __init__(
@@ -201,6 +215,7 @@ class SequenceGroup:
         arrival_time: float = 0.0,
         arrival_order: int = 0,
         max_num_running_seqs: int = 1,
+        use_prefix_cache: bool = True,
     ) -> None:
         if not seqs:
             raise ValueError("a request needs at least one sequence")
@@ -210,6 +225,7 @@ class SequenceGroup:
         self.arrival_time = arrival_time
         self.arrival_order = arrival_order
         self.max_num_running_seqs = max(max_num_running_seqs, len(seqs))
+        self.use_prefix_cache = use_prefix_cache
 
     @property
     def prompt_token_ids(self) -> tuple[int, ...]:

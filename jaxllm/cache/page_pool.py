@@ -1,0 +1,193 @@
+"""Device page pool for the paged KV cache: the K/V arrays every layer reads and writes.
+
+Layout (shared with ``jaxllm.attention``): one K and one V array per layer,
+``[num_pages, page_size, Hkv, D]``; token position ``p`` of a sequence lives in page
+``block_table[p // page_size]`` at offset ``p % page_size`` (flat slot
+``page * page_size + offset``).  Page 0 is the allocator's reserved null page
+(:data:`jaxllm.cache.NULL_BLOCK_ID`): block-table padding points there.
+
+Two structures, matching the parameter layout the model runs with:
+
+* unrolled (``params["layers"]`` is a list): ``caches = [(k, v), ...]``, one pair per layer;
+* stacked (``lax.scan`` over stacked layers): ``caches = (k, v)`` with shape
+  ``[L, num_pages, page_size, Hkv, D]``.  The runner flattens the leading two axes and
+  offsets page ids by ``layer * num_pages`` so the whole pool stays in the scan carry and
+  is updated in place (a per-layer slice would be copied every step).
+
+The pool is allocated once, zero-filled (the attention reference needs finite values in
+unused pages), and donated to every jitted step so XLA updates it in place.
+
+Sizing: ``num_pages`` explicit, or from a memory budget --
+``memory_utilization * device memory - memory in use now`` (weights are placed before
+the pool is sized).  On GPU/TPU "device memory" is the allocator's ``bytes_limit``; on
+CPU it is the machine's RAM from ``/proc/meminfo`` (``MemTotal``; in use =
+``MemTotal - MemAvailable``), further capped at ``cpu_kv_cache_space`` bytes (default
+4 GiB, like vLLM's ``VLLM_CPU_KVCACHE_SPACE``; env ``JAXLLM_CPU_KVCACHE_SPACE`` in GiB) so a
+shared host is not filled with a zeroed cache by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ModelConfig
+
+__all__ = ["PagePool", "kv_bytes_per_page", "device_memory", "pages_for_budget",
+           "DEFAULT_CPU_KV_CACHE_SPACE"]
+
+DEFAULT_CPU_KV_CACHE_SPACE = 4 << 30  # bytes
+
+KV_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(dtype: Any) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_DTYPES)}, got {dtype!r}")
+        return jnp.dtype(KV_DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
+    """Bytes one page takes over all layers, K and V."""
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * _dtype(dtype).itemsize
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts:
+                    out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    except OSError:
+        pass
+    return out
+
+
+def device_memory(device: jax.Device | None = None) -> tuple[int, int]:
+    """``(total, in_use)`` bytes of ``device``'s memory (CPU: the host's RAM).
+
+    Raises RuntimeError when it cannot be determined (pass ``num_pages`` then)."""
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+        raise RuntimeError(f"cannot read the memory of {device}; pass num_pages explicitly")
+    info = _meminfo()
+    if "MemTotal" not in info or "MemAvailable" not in info:
+        raise RuntimeError("cannot read /proc/meminfo; pass num_pages explicitly")
+    return info["MemTotal"], info["MemTotal"] - info["MemAvailable"]
+
+
+def cpu_kv_cache_space() -> int:
+    env = os.environ.get("JAXLLM_CPU_KVCACHE_SPACE")
+    return int(float(env) * (1 << 30)) if env else DEFAULT_CPU_KV_CACHE_SPACE
+
+
+def pages_for_budget(cfg: ModelConfig, page_size: int, dtype: Any, memory_utilization: float,
+                     device: jax.Device | None = None) -> tuple[int, int]:
+    """Pages that fit ``memory_utilization`` of the device memory not yet in use.
+
+    Returns ``(num_pages, budget_bytes)``."""
+    if not 0 < memory_utilization <= 1:
+        raise ValueError(f"memory_utilization must be in (0, 1], got {memory_utilization}")
+    device = device or jax.devices()[0]
+    total, used = device_memory(device)
+    budget = int(memory_utilization * total) - used
+    if device.platform == "cpu":
+        budget = min(budget, cpu_kv_cache_space())
+    return max(0, budget // kv_bytes_per_page(cfg, page_size, dtype)), budget
+
+
+@dataclasses.dataclass
+class PagePool:
+    """The per-layer K/V page arrays and their geometry.
+
+    ``caches`` is the pytree the jitted step takes (and donates): a list of ``(k, v)``
+    per layer, or ``(k, v)`` stacked ``[L, num_pages, page_size, Hkv, D]``.
+    """
+
+    cfg: ModelConfig
+    num_pages: int
+    page_size: int
+    dtype: jnp.dtype
+    stacked: bool
+    caches: Any = None
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, *, page_size: int = 16, num_pages: int | None = None,
+               memory_utilization: float = 0.9, dtype: Any = jnp.float32,
+               stacked: bool = False, max_model_len: int | None = None,
+               max_pages: int | None = None, device: jax.Device | None = None) -> "PagePool":
+        """Size and allocate the pool.  ``max_pages`` caps a budget-sized pool (the engine
+        passes what ``max_num_seqs`` sequences of ``max_model_len`` can ever use).
+
+        Raises ValueError for an impossible configuration: ``page_size`` not a power of two,
+        or a pool that cannot hold one sequence of ``max_model_len`` tokens (plus the
+        reserved null page)."""
+        if not isinstance(page_size, (int, np.integer)) or page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size!r}")
+        dtype = _dtype(dtype)
+        budget = None
+        if num_pages is None:
+            num_pages, budget = pages_for_budget(cfg, page_size, dtype, memory_utilization, device)
+            if max_pages is not None:
+                num_pages = min(num_pages, max_pages)
+        if max_model_len is not None:
+            need = -(-max_model_len // page_size) + 1  # + the null page
+            if num_pages < need:
+                per_page = kv_bytes_per_page(cfg, page_size, dtype)
+                how = (f"num_pages={num_pages}" if budget is None else
+                       f"a budget of {budget / 2**20:.1f} MiB ({num_pages} pages of "
+                       f"{per_page / 2**10:.1f} KiB; memory_utilization={memory_utilization})")
+                raise ValueError(
+                    f"KV page pool too small: one sequence of max_model_len={max_model_len} "
+                    f"tokens needs {need} pages of {page_size} tokens (incl. the reserved null "
+                    f"page), {how}. Raise num_pages / memory_utilization or lower max_model_len.")
+        elif num_pages < 2:
+            raise ValueError(f"the KV page pool needs at least 2 pages, got {num_pages}")
+        pool = cls(cfg=cfg, num_pages=int(num_pages), page_size=int(page_size), dtype=dtype,
+                   stacked=stacked)
+        pool.caches = pool.zeros()
+        return pool
+
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        return (self.num_pages, self.page_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+
+    @property
+    def num_slots(self) -> int:
+        """Token slots in the pool, the null page excluded."""
+        return (self.num_pages - 1) * self.page_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_pages * kv_bytes_per_page(self.cfg, self.page_size, self.dtype)
+
+    def zeros(self) -> Any:
+        n = self.cfg.num_layers
+        if self.stacked:
+            shape = (n, *self.page_shape)
+            return (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        return [(jnp.zeros(self.page_shape, self.dtype), jnp.zeros(self.page_shape, self.dtype))
+                for _ in range(n)]
+
+    def reset(self) -> None:
+        """Drop the contents (e.g. after a failed step whose donated pool is gone)."""
+        self.caches = None
+        self.caches = self.zeros()
+
+    def describe(self) -> str:
+        return (f"{self.num_pages} pages x {self.page_size} tokens "
+                f"({self.num_slots} token slots, {self.nbytes / 2**20:.1f} MiB, "
+                f"{jnp.dtype(self.dtype).name}, {'stacked' if self.stacked else 'per-layer'})")
