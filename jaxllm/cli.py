@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Sequence
@@ -30,6 +31,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="context limit, prompt + output (default: the model's)")
     g.add_argument("--scan-layers", action="store_true",
                    help="run layers under lax.scan (faster compile, slower on CPU)")
+    g.add_argument("--lora", default=None, help="LoRA adapter directory (PEFT layout) to apply")
+    e = p.add_argument_group("engine (paged KV cache, continuous batching; vLLM's names)")
+    e.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of two)")
+    e.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages in the pool (default: from --memory-utilization)")
+    e.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="fraction of device memory for weights + KV pool (default: 0.9)")
+    e.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="KV cache dtype (default: the model dtype)")
+    e.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    e.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
+    e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn automatic prefix caching off")
+    e.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
+                   help="prefill whole prompts instead of budget-sized chunks")
+    e.add_argument("--static-batching", action="store_true",
+                   help="baseline: one padded batch run to completion on a dense cache")
+    from sharding.distributed import add_distributed_args
+
+    add_distributed_args(p)  # --tp --pp --dp --microbatches --coordinator --num-processes --process-id
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -56,15 +77,28 @@ def _sampling(args: argparse.Namespace):
 
 def _load(args: argparse.Namespace):
     from jaxllm.llm import LLM
+    from sharding.distributed import init_from_args, parallel_kwargs
 
+    init_from_args(args)  # a multi-process run joins it before JAX touches a device
     return LLM(args.model, dtype=args.dtype, attention_impl=args.attention_impl,
-               max_model_len=args.max_model_len, scan_layers=args.scan_layers)
+               max_model_len=args.max_model_len, scan_layers=args.scan_layers,
+               page_size=args.page_size, num_pages=args.num_pages,
+               memory_utilization=args.memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               enable_prefix_caching=args.enable_prefix_caching,
+               enable_chunked_prefill=args.enable_chunked_prefill,
+               static_batching=args.static_batching, lora=args.lora, **parallel_kwargs(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sp = _sampling(args)  # validate before the slow load
     llm = _load(args)
+    from sharding.distributed import is_main_process
+
+    if not is_main_process():  # every process runs the same programs; process 0 prints
+        sys.stdout = open(os.devnull, "w")
+        args.quiet = True
     prompt = args.prompt
     if args.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -159,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     for module, fn in (("jaxllm.profiling", "add_profile_parser"),
-                       ("jaxllm.roofline", "add_roofline_parser")):
+                       ("jaxllm.roofline", "add_roofline_parser"),
+                       ("jaxllm.train.loop", "add_finetune_parser")):
         try:
             mod = __import__(module, fromlist=[fn])
         except ImportError:

@@ -55,6 +55,14 @@ class LLM:
         num_scheduler_steps: decode tokens per dispatch when no request needs the host.
         static_batching: run ``generate``/``stream`` on the static-batch baseline
             (``jaxllm.generation``) instead of the paged continuous-batching engine.
+        lora: a LoRA adapter directory (PEFT layout, e.g. from ``jaxllm finetune --lora``),
+            merged into the weights at load.
+
+    Parallelism (``sharding/``, docs/parallelism.md):
+        tp, pp, dp: tensor-parallel degree, pipeline stages, data-parallel replicas over
+            ``jax.devices()`` (all processes' devices after ``jax.distributed.initialize``).
+            A mesh runs the static-batch path (the engine is single-device for now).
+        microbatches: pipeline microbatches per forward (default: pp).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str = "float32",
@@ -65,7 +73,8 @@ class LLM:
                  kv_cache_dtype: str | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, num_scheduler_steps: int = 8,
-                 static_batching: bool = False) -> None:
+                 static_batching: bool = False, lora: str | os.PathLike | None = None,
+                 tp: int = 1, pp: int = 1, dp: int = 1, microbatches: int | None = None) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.attention_impl = resolve_impl(attention_impl)
@@ -76,8 +85,22 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.source
         self.dtype = dtype
-        params = loaded.params if scan_layers else llama.unstack_layers(loaded.params)
-        self.params = jax.device_put(params)
+        params = loaded.params
+        if lora is not None:
+            from jaxllm.train.loop import load_lora
+
+            # folded into the weights: no per-token adapter cost at inference
+            params = load_lora(params, loaded.config, lora, merge_weights=True)
+        self.sharded = None
+        if tp * pp * dp > 1:
+            import sharding
+
+            # the paged engine does not take a sharded model yet: static batching on the mesh
+            self.sharded, self.params = sharding.setup(self.config, params, dp=dp, tp=tp, pp=pp,
+                                                       microbatches=microbatches)
+            static_batching = True
+        else:
+            self.params = jax.device_put(params if scan_layers else llama.unstack_layers(params))
         limit = self.config.max_position_embeddings
         if max_model_len is not None and not 1 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be in [2, {limit}] for this model, got {max_model_len}")
@@ -232,7 +255,7 @@ class LLM:
         """Run one static batch; yields the text deltas of every row after each dispatch."""
         batch = StaticBatch(self.params, self.config, prompts, sps, self.eos_token_ids,
                             max_model_len=self.max_model_len, impl=self.attention_impl,
-                            rng=self._rng)
+                            rng=self._rng, model=self.sharded)
         if chunk is None:  # no streaming: one dispatch unless stop strings need the host
             chunk = 16 if any(sp.stop for sp in sps) else batch.cache_len
         seen = [0] * len(prompts)
@@ -312,8 +335,12 @@ class LLM:
         n = len(ids)
         padded = np.zeros((1, bucket(n)), np.int32)  # causal: right padding changes nothing
         padded[0, :n] = ids
-        out = _logits_jit(self.params, jnp.asarray(padded), cfg=self.config,
-                          impl=self.attention_impl)
+        if self.sharded is not None:
+            out = self.sharded.logits(self.params, jnp.asarray(padded),
+                                      attn_impl=self.attention_impl)
+        else:
+            out = _logits_jit(self.params, jnp.asarray(padded), cfg=self.config,
+                              impl=self.attention_impl)
         return np.asarray(out[0, :n])
 
 
