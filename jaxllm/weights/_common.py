@@ -10,6 +10,8 @@ import sys
 import ml_dtypes
 import numpy as np
 
+from jaxllm.models.llama import param_shapes  # noqa: F401  (re-exported: one definition)
+
 
 class _Null:
     def update(self, n=1):
@@ -57,23 +59,6 @@ def resolve_dtype(dtype) -> np.dtype:
     if dt not in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
         raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
     return dt
-
-
-def param_shapes(cfg) -> dict:
-    """Shapes of the canonical stacked params pytree (see docs/design.md)."""
-    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    layers = {
-        "attn_norm": (L, D), "wq": (L, D, q), "wk": (L, D, kv), "wv": (L, D, kv),
-        "wo": (L, q, D), "mlp_norm": (L, D),
-        "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
-    }
-    if cfg.attention_bias:
-        layers.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
-    out = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
-    if not cfg.tie_word_embeddings:
-        out["lm_head"] = (D, V)
-    return out
 
 
 def alloc_params(shapes: dict, dtype) -> dict:
