@@ -73,7 +73,8 @@ def smollm2():
     """The real default model through the public API (float32), shared by the session."""
     from jaxllm import LLM
 
-    return LLM()
+    # a small KV pool: the default sizes it from RAM (GiBs), which CI does not need
+    return LLM(max_model_len=2048, num_pages=256)
 
 
 @pytest.fixture(scope="session")
