@@ -219,6 +219,16 @@ def paged_decode_attention(
                       soft_cap=soft_cap, sliding_window=sliding_window, k_scales=k_scales,
                       v_scales=v_scales, interpret=jax.default_backend() == "cpu")
     b = q.shape[0]
+    if b == 1:
+        # XLA:CPU miscompiles the skinny path when there is a single query block (wrong
+        # values under jit, right without it): run two rows, the second empty.
+        out = paged_decode_attention(
+            jnp.concatenate([q, jnp.zeros_like(q)]), k_pages, v_pages,
+            jnp.concatenate([block_tables, jnp.zeros_like(block_tables)]),
+            jnp.concatenate([lengths, jnp.zeros_like(lengths)]), sm_scale=sm_scale,
+            soft_cap=soft_cap, sliding_window=sliding_window, k_scales=k_scales,
+            v_scales=v_scales, impl=impl)
+        return out[:1]
     lengths = lengths.astype(jnp.int32)
     return _paged_xla(q[:, None], k_pages, v_pages, block_tables, lengths,
                       jnp.maximum(lengths - 1, 0)[:, None], (lengths > 0)[:, None],
@@ -259,9 +269,22 @@ def ragged_paged_attention(
         return kernel(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, sm_scale=sm_scale,
                       soft_cap=soft_cap, sliding_window=sliding_window,
                       interpret=jax.default_backend() == "cpu")
+    from pallas_kernels._common import ragged_num_blocks
+
+    n, num_seqs = q.shape[0], block_tables.shape[0]
+    if n == 1:  # a lone token: pad to two (rows past cu_q_lens[-1] give zeros), see below
+        return ragged_paged_attention(
+            jnp.concatenate([q, jnp.zeros_like(q)]), k_pages, v_pages, block_tables,
+            cu_q_lens, kv_lens, sm_scale=sm_scale, soft_cap=soft_cap,
+            sliding_window=sliding_window, impl=impl, block_q=block_q)[:1]
+    bq = block_q or _ragged_block_q(n, num_seqs, q.shape[1] // k_pages.shape[2])
+    if ragged_num_blocks(n, num_seqs, bq) == 1:
+        # XLA:CPU miscompiles the path when it has a single query block (wrong values
+        # under jit, right without it): always run at least two.
+        bq = max(1, n // 2)
     return _ragged_xla(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens,
                        sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-                       block_q=block_q)
+                       block_q=bq)
 
 
 # --------------------------------------------------------------------- XLA paged paths

@@ -212,28 +212,8 @@ class LLM:
 
     def _generate_engine(self, encoded: list[tuple[str | None, list[int]]],
                          sps: list[SamplingParams]) -> list[RequestOutput]:
-        eng = self.engine
-        reqs = []
-        for i, ((text, ids), sp) in enumerate(zip(encoded, sps)):
-            try:
-                reqs.append(eng._prepare(None, ids if text is None else text, sp,
-                                         prompt_token_ids=ids))
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"prompt {i}: {e}") from None
-        for r in reqs:
-            eng._admit(r)
-        want = {r.request_id: i for i, r in enumerate(reqs)}
-        results: list[RequestOutput | None] = [None] * len(reqs)
-        try:
-            while any(r is None for r in results):
-                for o in eng.step():
-                    if o.finished and o.request_id in want:
-                        results[want[o.request_id]] = o
-        except BaseException:
-            for r in reqs:
-                eng.abort(r.request_id)
-            raise
-        return results  # type: ignore[return-value]
+        return self.engine.generate([ids if text is None else text for text, ids in encoded],
+                                    sps, prompt_token_ids=[ids for _, ids in encoded])
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], beam_width: int = 4,
                     max_tokens: int = 16, *, length_penalty: float = 1.0,

@@ -144,6 +144,23 @@ def test_parallel_samples_are_seeded_and_share_the_prompt(params):
     assert eng.allocator.stats.num_cow_copies > 0  # the shared last prompt page was copied
 
 
+def test_sampling_options_match_static_path(params):
+    """Penalties, top-k/p, min-p and seeded sampling: same seed streams, same tokens."""
+    rng = np.random.default_rng(11)
+    prompts = [[int(t) for t in rng.integers(4, 97, rng.integers(3, 30))] for _ in range(6)]
+    sps = [SamplingParams(temperature=0.0, max_tokens=20, repetition_penalty=1.3, ignore_eos=True),
+           SamplingParams(temperature=0.0, max_tokens=20, presence_penalty=1.0,
+                          frequency_penalty=0.5, ignore_eos=True),
+           SamplingParams(temperature=0.8, top_k=5, max_tokens=20, seed=1, ignore_eos=True),
+           SamplingParams(temperature=1.0, top_p=0.7, max_tokens=20, seed=2, ignore_eos=True),
+           SamplingParams(temperature=1.0, min_p=0.1, max_tokens=20, seed=3, ignore_eos=True),
+           SamplingParams(temperature=1.2, max_tokens=20, seed=4, repetition_penalty=1.2)]
+    ref = static_tokens(params, prompts, sps)
+    for steps in (1, 8):
+        eng = make_engine(params, num_scheduler_steps=steps)
+        assert [o.token_ids for o in eng.generate(prompts, sps)] == ref
+
+
 def _np_logprobs(p64, tokens):
     """Independent float64 NumPy forward of the tiny Llama: log-probs of the next token."""
     cfg = CFG

@@ -378,3 +378,27 @@ def test_kernels_lower_to_triton_for_cuda():
     pool = S((64, 16, 2, 128), bf)
     assert lower(functools.partial(ragged_paged_attention, sm_scale=0.1), S((40, 8, 128), bf),
                  pool, pool, S((5, 16), jnp.int32), S((6,), jnp.int32), S((5,), jnp.int32)) == 1
+
+
+def test_xla_paths_with_a_single_query_block():
+    """Regression: XLA:CPU miscompiled the XLA paged path for one query block under jit
+    (a batch-1 decode or a lone ragged token gave wrong values)."""
+    from pallas_kernels.reference import paged_decode_attention_ref, ragged_paged_attention_ref
+
+    from jaxllm.attention import paged_decode_attention, ragged_paged_attention
+
+    rng = np.random.default_rng(0)
+    pages, ps, hkv, d, hq = 64, 16, 3, 64, 9
+    kp = jnp.asarray(rng.normal(size=(pages, ps, hkv, d)), jnp.float32)
+    vp = jnp.asarray(rng.normal(size=(pages, ps, hkv, d)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(1, hq, d)), jnp.float32)
+    bt = jnp.asarray(rng.permutation(pages)[:8].reshape(1, 8), jnp.int32)
+    got = jax.jit(lambda *a: paged_decode_attention(*a, impl="xla"))(
+        q, kp, vp, bt, jnp.asarray([100], jnp.int32))
+    ref = paged_decode_attention_ref(q, kp, vp, bt, jnp.asarray([100], jnp.int32),
+                                     sm_scale=d ** -0.5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+    cu, kl = jnp.asarray([0, 1], jnp.int32), jnp.asarray([40], jnp.int32)
+    got = jax.jit(lambda *a: ragged_paged_attention(*a, impl="xla"))(q, kp, vp, bt, cu, kl)
+    ref = ragged_paged_attention_ref(q, kp, vp, bt, cu, kl, sm_scale=d ** -0.5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)

@@ -1,4 +1,11 @@
-"""Engine host side: sequences, requests and the continuous-batching scheduler."""
+"""The continuous-batching engine over the paged KV cache (docs/engine.md).
+
+Host side (plain Python): :class:`Sequence` / :class:`SequenceGroup`, the
+:class:`Scheduler`.  Device side: ``runner.ModelRunner`` (fixed-shape jitted steps over
+``jaxllm.cache.page_pool.PagePool``).  Tying them together: :class:`LLMEngine`
+(``add_request`` / ``step`` / ``abort``) and :class:`AsyncLLMEngine` (async streams);
+both load lazily so that the host side imports without jax.
+"""
 
 from jaxllm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from jaxllm.engine.sequence import Request, Sequence, SequenceGroup, SequenceStatus

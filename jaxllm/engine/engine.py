@@ -662,32 +662,39 @@ class LLMEngine:
     # ------------------------------------------------------------------ conveniences
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, prompt_token_ids: Sequence[Sequence[int] | None] | None = None
                  ) -> list[RequestOutput]:
-        """Run ``prompts`` to completion; outputs in prompt order.  All requests are
-        validated before any is queued."""
+        """Run ``prompts`` to completion next to whatever else is queued; outputs in prompt
+        order.  All requests are validated before any is queued (errors name the prompt);
+        if stepping raises (or is interrupted), the requests are aborted.
+        ``prompt_token_ids[i]`` skips tokenizing text prompt ``i``."""
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sps = [sampling_params] * len(prompts)
         else:
             sps = list(sampling_params)
             if len(sps) != len(prompts):
                 raise ValueError(f"got {len(sps)} SamplingParams for {len(prompts)} prompts")
+        ids = list(prompt_token_ids) if prompt_token_ids is not None else [None] * len(prompts)
         reqs = []
-        for i, (p, sp) in enumerate(zip(prompts, sps)):
+        for i, (p, sp, tok) in enumerate(zip(prompts, sps, ids)):
             try:
-                reqs.append(self._prepare(None, p, sp))
+                reqs.append(self._prepare(None, p, sp, tok))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"prompt {i}: {e}") from None
         for r in reqs:
             self._admit(r)
         want = {r.request_id: i for i, r in enumerate(reqs)}
         results: list[RequestOutput | None] = [None] * len(reqs)
-        while any(r is None for r in results):
-            for o in self.step():
-                if o.finished and o.request_id in want:
-                    results[want[o.request_id]] = o
-            if not self.has_unfinished_requests() and any(r is None for r in results):
-                raise RuntimeError("engine stopped with unfinished requests")
+        try:
+            while any(r is None for r in results):
+                for o in self.step():
+                    if o.finished and o.request_id in want:
+                        results[want[o.request_id]] = o
+        except BaseException:
+            for r in reqs:
+                self.abort(r.request_id)
+            raise
         return results  # type: ignore[return-value]
 
     def warmup(self, num_steps: Iterable[int] | None = None) -> int:

@@ -269,23 +269,6 @@ def _penalty_state(b, spec: StepSpec, vocab: int):
     return counts, prompt_mask
 
 
-def _safe_block_q(spec: StepSpec, cfg: ModelConfig, impl: str) -> int | None:
-    """Work around an XLA:CPU miscompile of the XLA paged path when a call has a single
-    query block (see docs/engine.md): force >= 2 blocks.  None: the kernel's own choice."""
-    if impl != "xla":
-        return None
-    try:
-        from jaxllm.attention import _ragged_block_q
-        from pallas_kernels._common import ragged_num_blocks
-    except ImportError:  # pragma: no cover - the dispatch moved on; nothing to work around
-        return None
-    n, s = spec.num_prefill_tokens, spec.num_prefill_seqs
-    bq = _ragged_block_q(n, s, cfg.q_per_kv)
-    if ragged_num_blocks(n, s, bq) == 1 and n > 1:
-        return max(1, n // 2)
-    return None
-
-
 def paged_step(params, caches, b: dict, *, cfg: ModelConfig, spec: StepSpec, impl: str,
                stacked: bool, num_pages: int, page_size: int, decode_attention: str = "decode"):
     """One engine step on device.  Returns ``(caches, outputs)``; see the module docstring."""
@@ -328,8 +311,7 @@ def paged_step(params, caches, b: dict, *, cfg: ModelConfig, spec: StepSpec, imp
                 tables = b["pf_tables"] if plain else b["pf_tables"] + page_off
                 outs.append(ragged_paged_attention(
                     q[nd:], kp, vp, tables, b["pf_cu_q_lens"], b["pf_kv_lens"],
-                    sliding_window=window, impl=impl,
-                    block_q=_safe_block_q(spec, cfg, impl)))
+                    sliding_window=window, impl=impl))
             out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
             return out[None], kp, vp
         return attend_layer
