@@ -293,12 +293,6 @@ def paged_step(params, caches, b: dict, *, cfg: ModelConfig, spec: StepSpec, imp
             if nd:
                 tables = dec_tables if plain else dec_tables + page_off
                 qd, lens = q[:nd], dec_kv_lens
-                if nd == 1:
-                    # XLA:CPU miscompiles the XLA paged path for a single query block
-                    # (wrong output under jit; see docs/engine.md): add an empty row
-                    qd = jnp.concatenate([qd, jnp.zeros_like(qd)])
-                    tables = jnp.concatenate([tables, jnp.zeros_like(tables)])
-                    lens = jnp.concatenate([lens, jnp.zeros_like(lens)])
                 if decode_attention == "decode":
                     o = paged_decode_attention(qd, kp, vp, tables, lens, sliding_window=window,
                                                impl=impl)
@@ -306,7 +300,7 @@ def paged_step(params, caches, b: dict, *, cfg: ModelConfig, spec: StepSpec, imp
                     cu = jnp.arange(qd.shape[0] + 1, dtype=jnp.int32)
                     o = ragged_paged_attention(qd, kp, vp, tables, cu, lens,
                                                sliding_window=window, impl=impl)
-                outs.append(o[:nd])
+                outs.append(o)
             if spec.num_prefill_tokens:
                 tables = b["pf_tables"] if plain else b["pf_tables"] + page_off
                 outs.append(ragged_paged_attention(
@@ -410,9 +404,8 @@ class ModelRunner:
         self.decode_buckets = pow2_buckets(max_num_seqs)
         # mixed steps: coarse buckets (the prefill chunk dominates their cost)
         self.mixed_decode_buckets = (0,) + tuple(x for x in _pow4_buckets(max_num_seqs) if x > 1)
-        # (>= 2: a 1-token ragged call is a single query block, see the decode note)
-        self.prefill_token_buckets = pow2_buckets(max(2, max_num_batched_tokens),
-                                                  start=min(16, max(2, max_num_batched_tokens)))
+        self.prefill_token_buckets = pow2_buckets(max_num_batched_tokens,
+                                                  start=min(16, max_num_batched_tokens))
         self.prefill_seq_buckets = _pow4_buckets(min(max_num_seqs, max_num_batched_tokens))
         # decode-only steps: "decode" (paged_decode_attention) or "ragged" (measured in
         # docs/engine.md; kept switchable for other backends)
