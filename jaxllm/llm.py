@@ -61,7 +61,10 @@ class LLM:
     Parallelism (``sharding/``, docs/parallelism.md):
         tp, pp, dp: tensor-parallel degree, pipeline stages, data-parallel replicas over
             ``jax.devices()`` (all processes' devices after ``jax.distributed.initialize``).
-            A mesh runs the static-batch path (the engine is single-device for now).
+            The engine runs on the mesh: one engine with its page pool sharded over
+            ``tensor`` / ``pipeline``, one such replica per ``data`` index
+            (``jaxllm.engine.data_parallel``).  A multi-process job runs the static
+            batch over the whole mesh instead.
         microbatches: pipeline microbatches per forward (default: pp).
     """
 
@@ -95,10 +98,12 @@ class LLM:
         if tp * pp * dp > 1:
             import sharding
 
-            # the paged engine does not take a sharded model yet: static batching on the mesh
             self.sharded, self.params = sharding.setup(self.config, params, dp=dp, tp=tp, pp=pp,
                                                        microbatches=microbatches)
-            static_batching = True
+            if jax.process_count() > 1:
+                # the engine's replicas would need their results gathered across hosts:
+                # a multi-process job runs the static batch, SPMD over the whole mesh
+                static_batching = True
         else:
             self.params = jax.device_put(params if scan_layers else llama.unstack_layers(params))
         limit = self.config.max_position_embeddings
@@ -125,12 +130,20 @@ class LLM:
 
     @property
     def engine(self):
-        """The paged continuous-batching engine (created, with its KV pool, on first use)."""
+        """The paged continuous-batching engine (created, with its KV pool, on first use):
+        an ``LLMEngine``, or with ``dp > 1`` a ``DataParallelEngine`` of one per replica."""
         if self._engine is None:
-            from jaxllm.engine.engine import LLMEngine
+            kw = dict(tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids,
+                      config=self.engine_config)
+            if self.sharded is not None and self.sharded.dp > 1:
+                from jaxllm.engine.data_parallel import DataParallelEngine
 
-            self._engine = LLMEngine(self.params, self.config, tokenizer=self.tokenizer,
-                                     eos_token_ids=self.eos_token_ids, config=self.engine_config)
+                self._engine = DataParallelEngine.create(self.sharded, self.params, self.config,
+                                                         **kw)
+            else:
+                from jaxllm.engine.engine import LLMEngine
+
+                self._engine = LLMEngine(self.params, self.config, model=self.sharded, **kw)
         return self._engine
 
     # ------------------------------------------------------------------ inputs
@@ -277,6 +290,8 @@ class LLM:
     def _stream_engine(self, text: str | None, ids: list[int],
                        sp: SamplingParams) -> Iterator[str]:
         eng = self.engine
+        if hasattr(eng, "least_loaded"):  # data parallel: stream from one replica
+            eng = eng.least_loaded()
         req = eng._prepare(None, ids if text is None else text, sp, prompt_token_ids=ids)
         eng._admit(req)
         shown = 0

@@ -405,23 +405,83 @@ else:
                     np.asarray(pools[i][0])[s * n_pages:(s + 1) * n_pages],
                     np.asarray(ref_pools[layer][0]), atol=1e-5, rtol=0)
 
-    def test_paged_engine_sharded_matches_single_device():
-        """Enable once jaxllm/engine (ModelRunner) takes a ShardedModel (see
-        docs/parallelism.md, "Engine": swap _forward_paged for sharding.paged_forward):
-        same greedy tokens as the single-device engine."""
-        engine = pytest.importorskip("jaxllm.engine.engine")
-        import inspect
+    ENGINE_LAYOUTS = [(1, 2, 2), (1, 1, 8), (1, 4, 1), (2, 2, 2), (2, 1, 1)]
 
-        if "model" not in inspect.signature(engine.LLMEngine).parameters:
-            pytest.skip("jaxllm.engine.LLMEngine does not take model= (a ShardedModel) yet")
+    def _engine(layout, host, **kw):
+        """An engine on a mesh: LLMEngine (dp=1) or DataParallelEngine (dp > 1).  Small
+        pages and a small step budget so prompts are chunked and blocks are shared."""
+        from jaxllm.engine.data_parallel import DataParallelEngine
+        from jaxllm.engine.engine import LLMEngine
+
+        dp, pp, tp = layout
+        model, placed = sharding.setup(W.CFG, host, dp=dp, tp=tp, pp=pp)
+        kw = {"max_model_len": 64, "page_size": 4, "num_pages": 48, "max_num_seqs": 8,
+              "max_num_batched_tokens": 16, "attention_impl": "xla", **kw}
+        if dp > 1:
+            return DataParallelEngine.create(model, placed, W.CFG, eos_token_ids=(), **kw)
+        return LLMEngine(placed, W.CFG, eos_token_ids=(), model=model, **kw)
+
+    @pytest.fixture(scope="module")
+    def ref_sampled(host):
+        """The single-device engine's n=2 seeded samples (forks share the prompt's pages)."""
+        from jaxllm.engine.engine import LLMEngine
+
+        eng = LLMEngine(jax.tree.map(jnp.asarray, host), W.CFG, eos_token_ids=(),
+                        max_model_len=64, page_size=4, num_pages=48, attention_impl="xla")
+        outs = eng.generate(W.PROMPTS[:2], _sampled())
+        return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+    def _sampled():
         from jaxllm.sampling import SamplingParams
 
-        cfg = W.CFG
-        ref = engine.LLMEngine(jax.tree.map(jnp.asarray, W.host_params()), cfg, tokenizer=None,
-                               eos_token_ids=())
-        model, placed = sharding.setup(cfg, W.host_params(), tp=2, pp=2)
-        eng = engine.LLMEngine(placed, cfg, tokenizer=None, eos_token_ids=(), model=model)
-        sp = SamplingParams(temperature=0.0, max_tokens=W.MAX_TOKENS, ignore_eos=True)
-        outs = [[list(o.outputs[0].token_ids) for o in e.generate(W.PROMPTS, sp)]
-                for e in (ref, eng)]
-        assert outs[0] == outs[1]
+        return SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=W.MAX_TOKENS,
+                              ignore_eos=True)
+
+    @pytest.mark.parametrize("layout", ENGINE_LAYOUTS, ids=_ids(ENGINE_LAYOUTS))
+    def test_paged_engine_sharded_matches_single_device(layout, host, ref_tokens, ref_sampled):
+        """The continuous-batching engine on a mesh (page pool sharded over kv heads and
+        stages; dp replicas each with their own pool) gives the single-device static path's
+        greedy tokens with chunked prefill, and the single-device engine's seeded n=2
+        samples (copy-on-write of the shared last prompt page on every stage)."""
+        eng = _engine(layout, host)
+        got = [list(o.outputs[0].token_ids) for o in eng.generate(W.PROMPTS, W.greedy())]
+        assert got == ref_tokens
+        outs = eng.generate(W.PROMPTS[:2], _sampled())
+        assert [[list(c.token_ids) for c in o.outputs] for o in outs] == ref_sampled
+        engines = getattr(eng, "engines", [eng])
+        for e in engines:  # every page back in the pool
+            assert e.allocator.num_free_blocks == e.allocator.num_usable_blocks
+        if layout[0] > 1:  # requests were spread over the replicas
+            assert all(e.runner.num_dispatches > 0 for e in engines)
+            assert len({o.request_id for o in outs}) == len(outs)
+
+    def test_paged_engine_sharded_pool_layout_and_preemption(host, ref_tokens):
+        """pp=2 x tp=2: each device holds [P, page, Hkv/tp, D] of its stage's layers; a pool
+        too small for all prompts at once preempts and still gives the same tokens."""
+        eng = _engine((1, 2, 2), host, num_pages=12, max_model_len=32, max_num_batched_tokens=32)
+        caches = eng.pool.caches
+        assert len(caches) == W.CFG.num_layers // 2
+        k = caches[0][0]
+        assert k.shape == (2 * 12, 4, W.CFG.num_kv_heads, W.CFG.head_dim)
+        assert {s.data.shape for s in k.addressable_shards} == \
+            {(12, 4, W.CFG.num_kv_heads // 2, W.CFG.head_dim)}
+        got = [list(o.outputs[0].token_ids) for o in eng.generate(W.PROMPTS, W.greedy())]
+        assert eng.num_preemptions > 0
+        assert got == ref_tokens
+
+    def test_llm_api_runs_engine_on_mesh(tmp_path):
+        """LLM(dp=, pp=, tp=) serves generate() from the paged engine on the mesh: the
+        static single-device path's greedy tokens."""
+        from conftest import save_tiny_hf
+        from jaxllm.engine.data_parallel import DataParallelEngine
+        from jaxllm.llm import LLM
+
+        path, _ = save_tiny_hf(tmp_path)
+        kw = dict(max_model_len=64, num_pages=40, compilation_cache=False)
+        want = [list(o.outputs[0].token_ids)
+                for o in LLM(path, static_batching=True, **kw).generate(W.PROMPTS, W.greedy())]
+        llm = LLM(path, dp=2, pp=2, tp=2, **kw)
+        assert not llm.static_batching and isinstance(llm.engine, DataParallelEngine)
+        assert [list(o.outputs[0].token_ids) for o in llm.generate(W.PROMPTS, W.greedy())] == want
+        one = LLM(path, pp=2, tp=2, **kw)
+        assert [list(o.outputs[0].token_ids) for o in one.generate(W.PROMPTS, W.greedy())] == want

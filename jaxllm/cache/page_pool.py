@@ -17,6 +17,13 @@ Two structures, matching the parameter layout the model runs with:
 The pool is allocated once, zero-filled (the attention reference needs finite values in
 unused pages), and donated to every jitted step so XLA updates it in place.
 
+On a mesh (``model``: a ``sharding.ShardedModel``): one ``(k, v)`` pair per layer *within
+a pipeline stage*, each ``[pp * num_pages, page_size, Hkv', D]`` with the model's
+``paged_cache_spec`` -- kv heads split over ``tensor``, stage ``s`` owning pages
+``[s * num_pages, (s + 1) * num_pages)`` of every array.  Block tables hold stage-local
+page ids, so one allocator serves every stage; each device holds
+``[num_pages, page_size, Hkv'/tp, D]`` of its stage's ``L/pp`` layers.
+
 Sizing: ``num_pages`` explicit, or from a memory budget --
 ``memory_utilization * device memory - memory in use now`` (weights are placed before
 the pool is sized).  On GPU/TPU "device memory" is the allocator's ``bytes_limit``; on
@@ -54,9 +61,14 @@ def _dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
-    """Bytes one page takes over all layers, K and V."""
-    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * _dtype(dtype).itemsize
+def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any, model: Any = None) -> int:
+    """Bytes one page takes over all layers, K and V (on a mesh: on each device, i.e. its
+    stage's layers and its share of the kv heads)."""
+    layers, heads = cfg.num_layers, cfg.num_kv_heads
+    if model is not None:
+        layers = layers // model.pp
+        heads = model.plan.model_cfg.num_kv_heads // model.tp
+    return 2 * layers * page_size * heads * cfg.head_dim * _dtype(dtype).itemsize
 
 
 def _meminfo() -> dict[str, int]:
@@ -95,18 +107,22 @@ def cpu_kv_cache_space() -> int:
 
 
 def pages_for_budget(cfg: ModelConfig, page_size: int, dtype: Any, memory_utilization: float,
-                     device: jax.Device | None = None) -> tuple[int, int]:
-    """Pages that fit ``memory_utilization`` of the device memory not yet in use.
+                     device: jax.Device | None = None, model: Any = None) -> tuple[int, int]:
+    """Pages that fit ``memory_utilization`` of the device memory not yet in use (on a
+    mesh: of one of its devices, each holding its share of every page).
 
     Returns ``(num_pages, budget_bytes)``."""
     if not 0 < memory_utilization <= 1:
         raise ValueError(f"memory_utilization must be in (0, 1], got {memory_utilization}")
-    device = device or jax.devices()[0]
+    if device is None:
+        device = model.mesh.devices.flat[0] if model is not None else jax.devices()[0]
     total, used = device_memory(device)
     budget = int(memory_utilization * total) - used
     if device.platform == "cpu":
-        budget = min(budget, cpu_kv_cache_space())
-    return max(0, budget // kv_bytes_per_page(cfg, page_size, dtype)), budget
+        # virtual CPU devices share the host's RAM: split the budget between them
+        share = 1 if model is None else model.mesh.devices.size
+        budget = min(budget, cpu_kv_cache_space()) // share
+    return max(0, budget // kv_bytes_per_page(cfg, page_size, dtype, model)), budget
 
 
 @dataclasses.dataclass
@@ -114,7 +130,8 @@ class PagePool:
     """The per-layer K/V page arrays and their geometry.
 
     ``caches`` is the pytree the jitted step takes (and donates): a list of ``(k, v)``
-    per layer, or ``(k, v)`` stacked ``[L, num_pages, page_size, Hkv, D]``.
+    per layer, or ``(k, v)`` stacked ``[L, num_pages, page_size, Hkv, D]``, or on a mesh
+    (``model``) a list of ``(k, v)`` per layer of a stage, sharded (module docstring).
     """
 
     cfg: ModelConfig
@@ -122,13 +139,15 @@ class PagePool:
     page_size: int
     dtype: jnp.dtype
     stacked: bool
+    model: Any = None  # a sharding.ShardedModel: the pool is laid out on its mesh
     caches: Any = None
 
     @classmethod
     def create(cls, cfg: ModelConfig, *, page_size: int = 16, num_pages: int | None = None,
                memory_utilization: float = 0.9, dtype: Any = jnp.float32,
                stacked: bool = False, max_model_len: int | None = None,
-               max_pages: int | None = None, device: jax.Device | None = None) -> "PagePool":
+               max_pages: int | None = None, device: jax.Device | None = None,
+               model: Any = None) -> "PagePool":
         """Size and allocate the pool.  ``max_pages`` caps a budget-sized pool (the engine
         passes what ``max_num_seqs`` sequences of ``max_model_len`` can ever use).
 
@@ -140,13 +159,14 @@ class PagePool:
         dtype = _dtype(dtype)
         budget = None
         if num_pages is None:
-            num_pages, budget = pages_for_budget(cfg, page_size, dtype, memory_utilization, device)
+            num_pages, budget = pages_for_budget(cfg, page_size, dtype, memory_utilization,
+                                                 device, model)
             if max_pages is not None:
                 num_pages = min(num_pages, max_pages)
         if max_model_len is not None:
             need = -(-max_model_len // page_size) + 1  # + the null page
             if num_pages < need:
-                per_page = kv_bytes_per_page(cfg, page_size, dtype)
+                per_page = kv_bytes_per_page(cfg, page_size, dtype, model)
                 how = (f"num_pages={num_pages}" if budget is None else
                        f"a budget of {budget / 2**20:.1f} MiB ({num_pages} pages of "
                        f"{per_page / 2**10:.1f} KiB; memory_utilization={memory_utilization})")
@@ -156,8 +176,11 @@ class PagePool:
                     f"page), {how}. Raise num_pages / memory_utilization or lower max_model_len.")
         elif num_pages < 2:
             raise ValueError(f"the KV page pool needs at least 2 pages, got {num_pages}")
+        if model is not None and stacked:
+            raise ValueError("a pool on a mesh follows the model's staged layer layout "
+                             "(stacked=False)")
         pool = cls(cfg=cfg, num_pages=int(num_pages), page_size=int(page_size), dtype=dtype,
-                   stacked=stacked)
+                   stacked=stacked, model=model)
         pool.caches = pool.zeros()
         return pool
 
@@ -172,10 +195,22 @@ class PagePool:
 
     @property
     def nbytes(self) -> int:
-        return self.num_pages * kv_bytes_per_page(self.cfg, self.page_size, self.dtype)
+        """Bytes of the whole pool (on a mesh: summed over its devices)."""
+        per_device = self.num_pages * kv_bytes_per_page(self.cfg, self.page_size, self.dtype,
+                                                        self.model)
+        return per_device * (1 if self.model is None else self.model.mesh.devices.size)
 
     def zeros(self) -> Any:
         n = self.cfg.num_layers
+        if self.model is not None:
+            m = self.model
+            c = m.plan.model_cfg
+            shape = (m.pp * self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
+            k_spec, v_spec = m.paged_cache_spec()
+            shardings = tuple(jax.sharding.NamedSharding(m.mesh, s) for s in (k_spec, v_spec))
+            make = jax.jit(lambda: (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)),
+                           out_shardings=shardings)
+            return [make() for _ in range(m.layers_per_stage)]
         if self.stacked:
             shape = (n, *self.page_shape)
             return (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
@@ -190,4 +225,7 @@ class PagePool:
     def describe(self) -> str:
         return (f"{self.num_pages} pages x {self.page_size} tokens "
                 f"({self.num_slots} token slots, {self.nbytes / 2**20:.1f} MiB, "
-                f"{jnp.dtype(self.dtype).name}, {'stacked' if self.stacked else 'per-layer'})")
+                f"{jnp.dtype(self.dtype).name}, "
+                f"{'stacked' if self.stacked else 'per-layer'}"
+                + ("" if self.model is None else
+                   f"; dp={self.model.dp} pp={self.model.pp} tp={self.model.tp}") + ")")

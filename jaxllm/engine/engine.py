@@ -155,11 +155,15 @@ class LLMEngine:
         tokenizer: for text prompts, detokenization and stop strings (None: ids only).
         eos_token_ids: end-of-sequence ids (default: the tokenizer's, else the config's).
         config: :class:`EngineConfig`, or its fields as keyword arguments.
+        model: a ``sharding.ShardedModel`` (tensor / pipeline parallel, dp=1) with
+            ``params`` placed by it (``sharding.setup``); the page pool is then sharded
+            over its mesh (kv heads over ``tensor``, layers over ``pipeline``).
     """
 
     def __init__(self, params, cfg: ModelConfig, *, tokenizer=None,
                  eos_token_ids: Sequence[int] | None = None,
-                 config: EngineConfig | None = None, **kwargs: Any) -> None:
+                 config: EngineConfig | None = None, model: Any = None,
+                 **kwargs: Any) -> None:
         if config is None:
             kwargs.setdefault("max_model_len", cfg.max_position_embeddings)
             config = EngineConfig(**kwargs)
@@ -175,13 +179,20 @@ class LLMEngine:
             eos_token_ids = tok_eos or cfg.eos_token_ids
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.max_model_len = config.max_model_len
+        if model is not None and model.dp != 1:
+            raise ValueError("LLMEngine runs one data-parallel replica: build its model on a "
+                             "dp=1 mesh (sharding.data_parallel.replica_meshes; "
+                             "jaxllm.engine.DataParallelEngine runs one engine per replica)")
+        if model is not None and model.cfg != cfg:
+            raise ValueError("LLMEngine: model= was built for a different ModelConfig than cfg")
         stacked = isinstance(params["layers"], dict)
         dtype = config.kv_cache_dtype or jnp.dtype(params["embed"].dtype).name
         self.pool = PagePool.create(cfg, page_size=config.page_size, num_pages=config.num_pages,
                                     memory_utilization=config.memory_utilization, dtype=dtype,
                                     stacked=stacked, max_model_len=config.max_model_len,
                                     max_pages=config.max_num_seqs * -(-config.max_model_len
-                                                                      // config.page_size) + 1)
+                                                                      // config.page_size) + 1,
+                                    model=model)
         self.allocator = BlockAllocator(self.pool.num_pages, config.page_size,
                                         config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
@@ -197,6 +208,7 @@ class LLMEngine:
         self._reqs: dict[str, _Request] = {}
         self._finished_outputs: list[RequestOutput] = []
         self._ids = itertools.count()
+        self.request_id_prefix = "req"  # data-parallel replicas make theirs distinct
 
     # ------------------------------------------------------------------ requests
 
@@ -212,7 +224,7 @@ class LLMEngine:
         return len(self._reqs)
 
     def new_request_id(self) -> str:
-        return f"req-{next(self._ids)}"
+        return f"{self.request_id_prefix}-{next(self._ids)}"
 
     def add_request(self, request_id: str | None, prompt: str | Sequence[int],
                     sampling_params: SamplingParams | None = None, *,

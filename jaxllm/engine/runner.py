@@ -186,13 +186,19 @@ class StepResult:
 # ------------------------------------------------------------------------------ device step
 
 def _forward_paged(params, cfg: ModelConfig, tokens, positions, caches, attend_layer,
-                   stacked: bool, num_pages: int):
+                   stacked: bool, num_pages: int, model=None):
     """Decoder forward over the page pool.  ``attend_layer(q, k, v, k_pages, v_pages,
     page_offset)`` -> ``(out, k_pages, v_pages)``.
 
     Unrolled: per-layer ``(k, v)`` pairs threaded through ``llama.forward``.  Stacked:
     the pools stay whole in a ``lax.scan`` carry (flattened to ``[L*P, ...]``, layer ``l``
-    owning pages ``[l*P, (l+1)*P)``) so XLA updates them in place."""
+    owning pages ``[l*P, (l+1)*P)``) so XLA updates them in place.  On a mesh
+    (``model``): ``sharding.paged_forward``, ``attend_layer`` running per shard on its
+    stage's pages and its kv heads."""
+    if model is not None:
+        from sharding.model import paged_forward
+
+        return paged_forward(model, params, cfg, tokens, positions, caches, attend_layer)
     if not stacked:
         def attend(q, k, v, cache):
             out, kp, vp = attend_layer(q, k, v, cache[0], cache[1], 0)
@@ -225,7 +231,10 @@ def _forward_paged(params, cfg: ModelConfig, tokens, positions, caches, attend_l
     return x, (kp.reshape(shape), vp.reshape(shape))
 
 
-def _apply_copies(caches, src, dst, stacked: bool):
+def _apply_copies(caches, src, dst, stacked: bool, num_pages: int, model=None):
+    if model is not None and model.pp > 1:  # the same page of every stage's block
+        off = (jnp.arange(model.pp, dtype=src.dtype) * num_pages)[:, None]
+        src, dst = (src[None] + off).reshape(-1), (dst[None] + off).reshape(-1)
     if stacked:
         kp, vp = caches
         return (kp.at[:, dst].set(kp[:, src]), vp.at[:, dst].set(vp[:, src]))
@@ -282,10 +291,13 @@ def _decode_groups(num_rows: int) -> int:
 
 
 def paged_step(params, caches, b: dict, *, cfg: ModelConfig, spec: StepSpec, impl: str,
-               stacked: bool, num_pages: int, page_size: int, decode_attention: str = "decode"):
-    """One engine step on device.  Returns ``(caches, outputs)``; see the module docstring."""
+               stacked: bool, num_pages: int, page_size: int, decode_attention: str = "decode",
+               model=None):
+    """One engine step on device.  Returns ``(caches, outputs)``; see the module docstring.
+    ``model``: a ``sharding.ShardedModel`` when params and pool live on its mesh."""
     if spec.num_copies:
-        caches = _apply_copies(caches, b["copy_src"], b["copy_dst"], stacked)
+        caches = _apply_copies(caches, b["copy_src"], b["copy_dst"], stacked, num_pages, model)
+    lm_head = llama.lm_head if model is None else model.lm_head
     window = cfg.sliding_window
     nd = spec.num_decodes
 
@@ -332,15 +344,15 @@ def paged_step(params, caches, b: dict, *, cfg: ModelConfig, spec: StepSpec, imp
         hidden, caches = _forward_paged(
             params, cfg, b["input_ids"][None], b["positions"][None], caches,
             make_attend(b["slot_mapping"], b.get("dec_tables"), b.get("dec_kv_lens")),
-            stacked, num_pages)
+            stacked, num_pages, model)
         h = hidden[0]
-        logits = llama.lm_head(params, cfg, h[b["logits_idx"]])
+        logits = lm_head(params, cfg, h[b["logits_idx"]])
         tok, lp = _sample_rows(logits, b, spec, b["step"], counts, prompt_mask)
         out = {"tokens": tok[None]}
         if lp is not None:
             out["lp"] = tuple(x[None] for x in lp)
         if spec.prompt_logprobs >= 0:
-            plogp = jax.nn.log_softmax(llama.lm_head(params, cfg, h[nd:]), axis=-1)
+            plogp = jax.nn.log_softmax(lm_head(params, cfg, h[nd:]), axis=-1)
             nxt = b["next_ids"]
             chosen = jnp.take_along_axis(plogp, jnp.maximum(nxt, 0)[:, None], axis=-1)[:, 0]
             if spec.prompt_logprobs > 0:
@@ -361,8 +373,9 @@ def paged_step(params, caches, b: dict, *, cfg: ModelConfig, spec: StepSpec, imp
         slots = jnp.where(done, _PAD_SLOT, page * page_size + pos % page_size)
         kv_lens = jnp.where(done, 0, pos + 1)
         hidden, caches = _forward_paged(params, cfg, tokens[None], pos[None], caches,
-                                        make_attend(slots, bt, kv_lens), stacked, num_pages)
-        logits = llama.lm_head(params, cfg, hidden[0])
+                                        make_attend(slots, bt, kv_lens), stacked, num_pages,
+                                        model)
+        logits = lm_head(params, cfg, hidden[0])
         tok, lp = _sample_rows(logits, b, spec, step, counts, prompt_mask)
         live = ~done
         new = {"tokens": outs["tokens"].at[i].set(jnp.where(live, tok, -1))}
@@ -393,7 +406,7 @@ def paged_step(params, caches, b: dict, *, cfg: ModelConfig, spec: StepSpec, imp
 
 _paged_step_jit = jax.jit(paged_step, static_argnames=("cfg", "spec", "impl", "stacked",
                                                        "num_pages", "page_size",
-                                                       "decode_attention"),
+                                                       "decode_attention", "model"),
                           donate_argnames=("caches",))
 
 
@@ -642,7 +655,8 @@ class ModelRunner:
                                           impl=self.impl, stacked=self.pool.stacked,
                                           num_pages=self.pool.num_pages,
                                           page_size=self.page_size,
-                                          decode_attention=self.decode_attention)
+                                          decode_attention=self.decode_attention,
+                                          model=self.pool.model)
         except Exception:
             self.pool.reset()  # contents are gone; the engine recomputes (see engine.step)
             raise
