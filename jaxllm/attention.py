@@ -74,33 +74,61 @@ def attention(
                           sm_scale, soft_cap)
 
 
+def _query_block(t: int) -> int:
+    """Query rows per block of the XLA path: 128 (measured best on CPU for T=512 among
+    64/128/256), grown so that a long sequence stays at <= 16 unrolled blocks."""
+    per_block = -(-t // 16)
+    return max(128, -(-per_block // 8) * 8)
+
+
 def _attention_xla(q, k, v, causal, segment_ids, kv_segment_ids, sliding_window, sm_scale,
                    soft_cap):
+    """Blocked over queries: each block of queries attends only to the keys the causal
+    mask / sliding window can let it see, so the masked-out half of a causal score
+    matrix is never computed.  Heads lead (``[B,Hkv,G,T,D] @ [B,Hkv,1,D,S]``) so both
+    products are plain batched matmuls (T=512, SmolLM2 heads, CPU: 15.3 ms -> 3.9 ms per
+    layer vs one full-matrix einsum)."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     # f32 inputs: XLA:CPU has no bf16 x bf16 -> f32 dot, and f32 keeps the reference exact.
-    qg = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
-    scores = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32)) * sm_scale
-    scores = _softcap(scores, soft_cap)
-    q_idx = jnp.arange(t)[:, None] + (s - t)
-    k_idx = jnp.arange(s)[None, :]
-    mask = jnp.ones((t, s), bool)
-    if causal:
-        mask &= k_idx <= q_idx
-    if sliding_window is not None:
-        mask &= q_idx - k_idx < sliding_window
-    mask = mask[None]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == kv_segment_ids[:, None, :])
-    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    # A row with no visible key (e.g. T > S under the end-aligned causal mask, or a query
-    # segment with no keys) would get a uniform softmax over masked keys: return zeros,
-    # like the Pallas kernels.
-    probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True)[:, None, None], probs, 0.0)
-    out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32))
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+    qh = q.astype(jnp.float32).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4)
+    kt = k.astype(jnp.float32).transpose(0, 2, 3, 1)[:, :, None]  # [B,Hkv,1,D,S]
+    vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)[:, :, None]  # [B,Hkv,1,S,D]
+    off = s - t  # query i sits at key index i + off
+    blk = _query_block(t) if (causal or sliding_window is not None) else t
+    outs = []
+    for i in range(0, t, blk):
+        e = min(t, i + blk)
+        lo, hi = 0, s
+        if causal:
+            hi = min(s, off + e)
+        if sliding_window is not None:
+            lo = max(0, off + i - sliding_window + 1)
+        if hi <= lo:  # no query of this block sees any key
+            outs.append(jnp.zeros((b, hkv, g, e - i, d), jnp.float32))
+            continue
+        scores = jnp.matmul(qh[:, :, :, i:e], kt[..., lo:hi]) * sm_scale  # [B,Hkv,G,e-i,hi-lo]
+        scores = _softcap(scores, soft_cap)
+        q_idx = jnp.arange(i, e)[:, None] + off
+        k_idx = jnp.arange(lo, hi)[None, :]
+        mask = jnp.ones((e - i, hi - lo), bool)
+        if causal:
+            mask &= k_idx <= q_idx
+        if sliding_window is not None:
+            mask &= q_idx - k_idx < sliding_window
+        mask = mask[None]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, i:e, None] == kv_segment_ids[:, None, lo:hi])
+        scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1)
+        # A row with no visible key (e.g. T > S under the end-aligned causal mask, or a
+        # query segment with no keys) would get a uniform softmax over masked keys: return
+        # zeros, like the Pallas kernels.
+        probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True)[:, None, None], probs, 0.0)
+        outs.append(jnp.matmul(probs, vh[:, :, :, lo:hi]))  # [B,Hkv,G,e-i,D]
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
 
 def cached_attention(
@@ -128,12 +156,9 @@ def cached_attention(
     hkv, s = k_cache.shape[1], k_cache.shape[3]
     g = hq // hkv
     sm_scale = d ** -0.5 if sm_scale is None else sm_scale
-    rows = k_cache.shape[0]
-    if rows > b:  # the cache keeps spare rows (see generation.empty_caches): pad, slice back
-        return cached_attention(
-            jnp.pad(q, ((0, rows - b), (0, 0), (0, 0), (0, 0))), k_cache, v_cache,
-            q_slot=q_slot, kv_start=jnp.pad(kv_start, (0, rows - b)),
-            sliding_window=sliding_window, sm_scale=sm_scale, soft_cap=soft_cap)[:b]
+    if k_cache.shape[0] > b:  # spare cache rows (generation.empty_caches): not read
+        k_cache, v_cache = k_cache[:b], v_cache[:b]  # (batch 1: ~6% faster decode than
+        # padding q to the cache's rows, which reads the spare row's cache too)
     # [B,T,Hkv,G,D] -> [B,Hkv,T*G,D]
     qh = q.astype(jnp.float32).reshape(b, t, hkv, g, d).transpose(0, 2, 1, 3, 4)
     qh = qh.reshape(b, hkv, t * g, d)

@@ -105,7 +105,8 @@ class LLM:
                 # a multi-process job runs the static batch, SPMD over the whole mesh
                 static_batching = True
         else:
-            self.params = jax.device_put(params if scan_layers else llama.unstack_layers(params))
+            params = params if scan_layers else llama.unstack_layers(params)
+            self.params = jax.device_put(llama.fuse_projections(params))
         limit = self.config.max_position_embeddings
         if max_model_len is not None and not 1 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be in [2, {limit}] for this model, got {max_model_len}")

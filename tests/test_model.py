@@ -35,9 +35,13 @@ def test_logits_match_transformers(tmp_path, case):
     with torch.no_grad():
         ref = hf(torch.tensor(tokens)).logits.numpy()
     params = jax.tree.map(jnp.asarray, loaded.params)
-    got = np.asarray(jax.jit(llama.logits, static_argnums=1)(params, loaded.config,
-                                                            jnp.asarray(tokens)))
-    assert np.abs(got - ref).max() < 1e-4
+    fused = llama.fuse_projections(params)  # the inference layout LLM runs (wqkv, w_gate_up)
+    assert "wqkv" in fused["layers"] and "wq" not in fused["layers"]
+    assert ("bqkv" in fused["layers"]) == loaded.config.attention_bias
+    for p in (params, fused):
+        got = np.asarray(jax.jit(llama.logits, static_argnums=1)(p, loaded.config,
+                                                                jnp.asarray(tokens)))
+        assert np.abs(got - ref).max() < 1e-4
     assert np.abs(ref).max() > 1.0  # the comparison is not between two near-zero tensors
 
 

