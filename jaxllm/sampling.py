@@ -200,6 +200,16 @@ def allowed_mask(logits: jax.Array, st: SamplingTensors, flags: SamplerFlags) ->
     return keep
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, -1)`` (first index of the maximum) as two plain reductions:
+    XLA:CPU runs the variadic (value, index) reduce of ``argmax`` unvectorised (32 x 49152
+    logits: 3.8 ms vs 1.1 ms)."""
+    v = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    idx = jnp.where(logits == best, jnp.arange(v, dtype=jnp.int32), v)
+    return jnp.minimum(jnp.min(idx, axis=-1), v - 1)  # (a NaN row gives the last id)
+
+
 def sample(logits: jax.Array, st: SamplingTensors, flags: SamplerFlags, step: jax.Array,
            counts: jax.Array | None = None, prompt_mask: jax.Array | None = None) -> jax.Array:
     """Pick one token per row from float32 ``logits [B, V]``.
@@ -209,7 +219,7 @@ def sample(logits: jax.Array, st: SamplingTensors, flags: SamplerFlags, step: ja
     """
     if flags.penalties:
         logits = apply_penalties(logits, st, counts, prompt_mask)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
     if flags.all_greedy:
         return greedy
     scaled = logits / jnp.maximum(st.temperature, 1e-6)[:, None]

@@ -204,6 +204,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
+def matmul(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
+    """``x @ w`` in ``out_dtype`` (default ``x``'s dtype).  Low-precision (bf16) operands multiply with a float32
+    product: more exact, and on XLA:CPU the bf16 x bf16 -> f32 dot is the fast one
+    (576x3072 weights, 512 rows: 4.8 ms vs 10.5 ms bf16 -> bf16 and 9.1 ms in f32) --
+    but only with >= 2 rows (1 row: 0.71 ms vs 0.19 ms f32; a 49152-wide head 44 ms vs
+    3.9 ms for 2 rows), so a single row is padded to two."""
+    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+        return (x @ w).astype(out_dtype or x.dtype)
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, k)
+    if rows == 1:
+        x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
+    y = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:rows]
+    return y.reshape(*lead, w.shape[-1]).astype(out_dtype or x.dtype)
+
+
 def linear(x: jax.Array, lp: Params, name: str) -> jax.Array:
     """``x @ lp[name]``: every projection of a layer goes through here (the hook for
     adapters and quantized weights).
@@ -214,7 +231,7 @@ def linear(x: jax.Array, lp: Params, name: str) -> jax.Array:
     folded into B) and dropout only when ``lp`` carries ``lora_dropout_rng`` and
     ``lora_dropout_rate`` (training).
     """
-    y = x @ lp[name]
+    y = matmul(x, lp[name])
     if f"{name}_lora_a" in lp:
         y = y + _lora_delta(x, lp, name).astype(y.dtype)
     return y
@@ -316,7 +333,7 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Project hidden states to float32 logits (tied embeddings when there is no ``lm_head``)."""
     with jax.named_scope("lm_head"):
         w = params["lm_head"] if "lm_head" in params else params["embed"].T
-        return (hidden @ w).astype(jnp.float32)
+        return matmul(hidden, w.astype(hidden.dtype), jnp.float32)
 
 
 def full_attention_fn(cfg: ModelConfig, segment_ids: jax.Array | None = None,
