@@ -18,9 +18,13 @@ compiled from abstract shapes (no weights allocated) with ``pp`` and ``2*pp`` la
 extrapolated linearly to the real depth (per-layer collectives are identical).
 
 **bubble** (``--bubble``): GPipe forward (no-cache, prefill-like, compute-bound) with
-pp=2 over 2 CPU devices, each single-threaded so the two stages really run in parallel
-on this 2-core machine, for M = 1, 2, 4, 8 microbatches.  Ideal time = M x (one stage on
-one microbatch, measured alone on one device); measured bubble = 1 - ideal / measured.
+pp=2 over 2 CPU devices, each single-threaded, for M = 1, 2, 4, 8 microbatches.  Ideal
+time = M x (one stage on one microbatch, measured alone on one device); measured bubble =
+1 - ideal / measured.  That only means something if the two devices' programs run at the
+same time, so a probe runs first: the same independent work on 1 device, then on each of
+2 devices in one ``shard_map`` (2 concurrent devices: same wall time; serialised: 2x).
+With JAX 0.10.2's CPU client the probe shows the devices run one after another, i.e. the
+measured "bubble" is then dominated by that serialisation, not by the schedule.
 
 What one machine can and cannot show: virtual CPU devices (or a single GPU) give exact
 collective *counts and sizes*, per-device memory, numerical equality with the
@@ -286,6 +290,7 @@ def run_bubble(args) -> list[dict]:
     full1, p_full = sharding.setup(cfg, host, devices=dev[:1])
     t_single = timeit(full1, p_full, jnp.asarray(rng.integers(0, 512, (b, t)), jnp.int32))
     stage1, p_stage = sharding.setup(half, host_half, devices=dev[:1])
+    conc = device_concurrency()
     rows = []
     for m in args.bubble_microbatches:
         if b % m:
@@ -296,11 +301,45 @@ def run_bubble(args) -> list[dict]:
         rows.append({"microbatches": m, "stage_time_s": tau, "pipeline_s": t_pipe,
                      "single_device_s": t_single, "theory_bubble": 1 / (m + 1),
                      "measured_bubble": 1 - m * tau / t_pipe,
-                     "speedup_vs_1_device": t_single / t_pipe})
+                     "speedup_vs_1_device": t_single / t_pipe, "device_concurrency": conc})
     return rows
 
 
+def device_concurrency() -> float:
+    """Wall time of one unit of work on each of 2 devices (one ``shard_map``) over one
+    unit on 1 device: ~1 when the devices run concurrently, ~2 when serialised."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    def work(a):
+        for _ in range(4):
+            a = jnp.tanh(a @ a)
+        return a
+
+    def best(f, a):
+        jax.block_until_ready(f(a))
+        out = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(a))
+            out = min(out, time.perf_counter() - t0)
+        return out
+
+    mesh = Mesh(jax.devices()[:2], ("x",))
+    one = best(jax.jit(jax.vmap(work)), jnp.ones((1, 768, 768)))
+    two = jax.jit(jax.shard_map(jax.vmap(work), mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+    a2 = jax.device_put(jnp.ones((2, 768, 768)), NamedSharding(mesh, P("x")))
+    return best(two, a2) / one
+
+
 def print_bubble(rows, args) -> None:
+    c = rows[0]["device_concurrency"] if rows else float("nan")
+    verdict = ("the 2 devices run concurrently" if c < 1.3 else
+               "the 2 devices run ONE AFTER ANOTHER: no stage overlap is possible here, so the "
+               "measured bubble below is not the schedule's")
+    print(f"\n# Device concurrency probe: 2 devices x 1 unit / 1 device x 1 unit = {c:.2f} "
+          f"(1 = concurrent, 2 = serialised): {verdict}")
     print(f"\n# Pipeline bubble, pp=2 on 2 single-threaded CPU devices (2 cores), no-cache "
           f"forward of batch {args.bubble_batch} x {args.bubble_seq} tokens, 8 layers D=512; "
           f"best of {args.repeats}")
