@@ -96,29 +96,6 @@ def trace(out_dir: str | Path, *, create_perfetto_trace: bool = True,
 
 # --------------------------------------------------------------------------- model steps
 
-def _write_cache(cache, k, v, slot):
-    """Write ``k, v [B,T,Hkv,D]`` at ``slot`` of a dense layer cache (k [B,Hkv,D,S], v [B,Hkv,S,D])."""
-    import jax
-
-    kc, vc = cache
-    kc = jax.lax.dynamic_update_slice(kc, k.transpose(0, 2, 3, 1).astype(kc.dtype), (0, 0, 0, slot))
-    vc = jax.lax.dynamic_update_slice(vc, v.transpose(0, 2, 1, 3).astype(vc.dtype), (0, 0, slot, 0))
-    # Without the barrier XLA copies the whole cache around the update (JAX_NOTES.md).
-    return jax.lax.optimization_barrier((kc, vc))
-
-
-def empty_caches(cfg, batch: int, cache_len: int, dtype, stacked: bool):
-    """Zero dense caches: a list of per-layer ``(k, v)`` or stacked ``(k[L..], v[L..])``."""
-    import jax.numpy as jnp
-
-    shape_k = (batch, cfg.num_kv_heads, cfg.head_dim, cache_len)
-    shape_v = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
-    if stacked:
-        n = cfg.num_layers
-        return (jnp.zeros((n, *shape_k), dtype), jnp.zeros((n, *shape_v), dtype))
-    return [(jnp.zeros(shape_k, dtype), jnp.zeros(shape_v, dtype)) for _ in range(cfg.num_layers)]
-
-
 def model_steps(cfg, *, cache_len: int, impl: str = "xla", kv_dtype: Any = None,
                 jit: bool = True) -> tuple[Callable, Callable]:
     """``(prefill, decode)`` for a dense KV cache of ``cache_len`` slots, greedy sampling.
@@ -139,6 +116,7 @@ def model_steps(cfg, *, cache_len: int, impl: str = "xla", kv_dtype: Any = None,
     import jax.numpy as jnp
 
     from jaxllm.attention import attention, cached_attention
+    from jaxllm.generation import _write_cache, empty_caches  # the generate path's own layout
     from jaxllm.models import llama
 
     def _pick(params, hidden):

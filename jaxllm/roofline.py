@@ -564,7 +564,8 @@ def _xla_costs_exact(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: i
     import jax
     import jax.numpy as jnp
 
-    from jaxllm.profiling import abstract_params, empty_caches, model_steps
+    from jaxllm.generation import empty_caches
+    from jaxllm.profiling import abstract_params, model_steps
 
     prefill, decode = model_steps(cfg, cache_len=cache_len, impl="xla")
     params = abstract_params(cfg, dtype, unrolled=True)

@@ -209,13 +209,14 @@ def matmul(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
     product: more exact, and on XLA:CPU the bf16 x bf16 -> f32 dot is the fast one
     (576x3072 weights, 512 rows: 4.8 ms vs 10.5 ms bf16 -> bf16 and 9.1 ms in f32) --
     but only with >= 2 rows (1 row: 0.71 ms vs 0.19 ms f32; a 49152-wide head 44 ms vs
-    3.9 ms for 2 rows), so a single row is padded to two."""
+    3.9 ms for 2 rows), so on CPU a single row is padded to two (XLA's cost analysis then
+    counts two rows)."""
     if x.dtype == jnp.float32 and w.dtype == jnp.float32:
         return (x @ w).astype(out_dtype or x.dtype)
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, k)
-    if rows == 1:
+    if rows == 1 and jax.default_backend() == "cpu":
         x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
     y = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:rows]
     return y.reshape(*lead, w.shape[-1]).astype(out_dtype or x.dtype)
