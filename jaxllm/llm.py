@@ -6,7 +6,6 @@ import dataclasses
 import os
 import random
 import uuid
-from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
 import jax
@@ -18,7 +17,8 @@ from jaxllm.compilation import enable_compilation_cache
 from jaxllm.generation import StaticBatch, bucket
 from jaxllm.models import llama
 from jaxllm.outputs import RequestOutput, TextTracker
-from jaxllm.sampling import SamplingParams
+from jaxllm.sampling import SamplingParams, per_prompt
+from jaxllm.tokenizer import encode_prompt
 from jaxllm.weights import load_model
 
 Prompt = Union[str, Sequence[int]]
@@ -150,38 +150,8 @@ class LLM:
     # ------------------------------------------------------------------ inputs
 
     def _encode(self, prompt: Prompt, index: int) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"prompt {index} is text, but {self.model_path} has no tokenizer "
-                                 "(tokenizer.json); pass token ids instead")
-            ids = self.tokenizer.encode(prompt)
-            text = prompt
-        elif isinstance(prompt, (list, tuple, np.ndarray)):
-            ids, text = [int(t) for t in prompt], None
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {index}: token id {bad[0]} is outside the vocabulary "
-                                 f"[0, {self.config.vocab_size})")
-        else:
-            raise TypeError(f"prompt {index} must be a string or a list of token ids, "
-                            f"got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens; the context (max_model_len) "
-                             f"is {self.max_model_len}, which leaves no room to generate")
-        return text, ids
-
-    @staticmethod
-    def _per_prompt(sampling_params, n: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [SamplingParams()] * n
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * n
-        sps = list(sampling_params)
-        if len(sps) != n:
-            raise ValueError(f"got {len(sps)} SamplingParams for {n} prompts")
-        return sps
+        return encode_prompt(prompt, self.tokenizer, self.config.vocab_size, self.max_model_len,
+                             name=f"prompt {index}", source=self.model_path)
 
     # ------------------------------------------------------------------ generation
 
@@ -197,7 +167,7 @@ class LLM:
                                         and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        sps = self._per_prompt(sampling_params, len(encoded))
+        sps = per_prompt(sampling_params, len(encoded))
         if not self.static_batching:
             return self._generate_engine(encoded, sps)
         for sp in sps:

@@ -105,6 +105,20 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+               n: int) -> list[SamplingParams]:
+    """One ``SamplingParams`` per prompt from None (the defaults), one shared by all
+    prompts, or a list with one per prompt (its length must be ``n``)."""
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    sps = list(sampling_params)
+    if len(sps) != n:
+        raise ValueError(f"got {len(sps)} SamplingParams for {n} prompts")
+    return sps
+
+
 class SamplerFlags(NamedTuple):
     """Which sampler stages a batch needs (static: part of the compiled program)."""
 

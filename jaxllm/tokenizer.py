@@ -485,6 +485,38 @@ def _set_post_processor(backend, bos: str | None, eos: str | None) -> None:
         single=" ".join(single), pair=" ".join(pair), special_tokens=list(dict.fromkeys(special)))
 
 
+def encode_prompt(prompt: Any, tokenizer: Any, vocab_size: int, max_model_len: int, *,
+                  name: str = "prompt", source: Any = "this model") -> tuple[str | None, list[int]]:
+    """A prompt (text, or token ids as a list / tuple / array) -> ``(text or None, ids)``,
+    checked: ids inside the vocabulary, not empty, room left in ``max_model_len`` to
+    generate.  Errors name the prompt (``name``) and, for a missing tokenizer, ``source``."""
+    import numpy as np
+
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"{name} is text, but {source} has no tokenizer (tokenizer.json); "
+                             "pass token ids instead")
+        text, ids = prompt, list(tokenizer.encode(prompt))
+    elif isinstance(prompt, (list, tuple, np.ndarray)):
+        try:
+            ids, text = [int(t) for t in prompt], None
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} has a token id that is not an integer") from None
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name} has token id {bad[0]}, outside the vocabulary "
+                             f"[0, {vocab_size})")
+    else:
+        raise TypeError(f"{name} must be a string or a list of token ids, "
+                        f"got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError(f"{name} is empty")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"{name} has {len(ids)} tokens; the context (max_model_len) is "
+                         f"{max_model_len}, which leaves no room to generate")
+    return text, ids
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}

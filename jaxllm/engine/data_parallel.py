@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jaxllm.config import ModelConfig
 from jaxllm.engine.engine import EngineConfig, LLMEngine
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling import SamplingParams
+from jaxllm.sampling import SamplingParams, per_prompt
 
 __all__ = ["DataParallelEngine", "replica_params"]
 
@@ -76,11 +76,7 @@ class DataParallelEngine:
         if jax.process_count() > 1:
             raise ValueError("DataParallelEngine runs in a single process; a multi-process "
                              "job runs the static-batch path (jaxllm.LLM does this)")
-        if config is None:
-            kwargs.setdefault("max_model_len", cfg.max_position_embeddings)
-            config = EngineConfig(**kwargs)
-        elif kwargs:
-            config = dataclasses.replace(config, **kwargs)
+        config = EngineConfig.resolve(cfg, config, **kwargs)
         plan = dataclasses.replace(model.plan, dp=1)
         engines = []
         for i, mesh in enumerate(replica_meshes(model.mesh)):
@@ -121,12 +117,7 @@ class DataParallelEngine:
         from sharding.data_parallel import gather_results, partition_requests
 
         n = len(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sps = [sampling_params or SamplingParams()] * n
-        else:
-            sps = list(sampling_params)
-            if len(sps) != n:
-                raise ValueError(f"got {len(sps)} SamplingParams for {n} prompts")
+        sps = per_prompt(sampling_params, n)
         ids = list(prompt_token_ids) if prompt_token_ids is not None else [None] * n
         first = self.engines[0]
         rng_state = first._rng.getstate()  # _prepare draws seeds: validate without using them

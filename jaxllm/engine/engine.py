@@ -27,9 +27,7 @@ import random
 import time
 from typing import Any, Iterable, Sequence
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxllm.attention import resolve_impl
 from jaxllm.cache.block_allocator import BlockAllocator
@@ -40,7 +38,8 @@ from jaxllm.engine.runner import ModelRunner, RowParams, SampleRow, StepResult
 from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
 from jaxllm.engine.sequence import Sequence as Seq, SequenceStatus
 from jaxllm.outputs import CompletionOutput, RequestOutput, TextTracker
-from jaxllm.sampling import SamplingParams
+from jaxllm.sampling import SamplingParams, per_prompt
+from jaxllm.tokenizer import encode_prompt
 
 __all__ = ["EngineConfig", "LLMEngine"]
 
@@ -80,6 +79,19 @@ class EngineConfig:
     num_scheduler_steps: int = 8
     attention_impl: str = "auto"
     seed: int = 0
+
+    @classmethod
+    def resolve(cls, cfg: ModelConfig, config: "EngineConfig | None" = None,
+                **kwargs: Any) -> "EngineConfig":
+        """``config`` with ``kwargs`` applied (no config: the fields from ``kwargs``,
+        ``max_model_len`` defaulting to the model's), validated."""
+        if config is None:
+            kwargs.setdefault("max_model_len", cfg.max_position_embeddings)
+            config = cls(**kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        config.validate()
+        return config
 
     def validate(self) -> None:
         def bad(name, why):
@@ -164,12 +176,7 @@ class LLMEngine:
                  eos_token_ids: Sequence[int] | None = None,
                  config: EngineConfig | None = None, model: Any = None,
                  **kwargs: Any) -> None:
-        if config is None:
-            kwargs.setdefault("max_model_len", cfg.max_position_embeddings)
-            config = EngineConfig(**kwargs)
-        elif kwargs:
-            config = dataclasses.replace(config, **kwargs)
-        config.validate()
+        config = EngineConfig.resolve(cfg, config, **kwargs)
         self.config = config
         self.cfg = cfg
         self.params = params
@@ -247,30 +254,12 @@ class LLMEngine:
         if request_id in self._reqs:
             raise ValueError(f"request {request_id!r} already exists")
         if isinstance(prompt, str) and prompt_token_ids is not None:
-            text, prompt = prompt, prompt_token_ids
+            text = prompt  # tokenized already: check the ids
+            _, ids = encode_prompt(prompt_token_ids, self.tokenizer, self.cfg.vocab_size,
+                                   self.max_model_len)
         else:
-            text = None
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("text prompt, but this model has no tokenizer; pass token ids")
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple, np.ndarray)):
-            try:
-                ids = [int(t) for t in prompt]
-            except (TypeError, ValueError):
-                raise TypeError("prompt token ids must be integers") from None
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary "
-                                 f"[0, {self.cfg.vocab_size})")
-        else:
-            raise TypeError(f"prompt must be a string or a list of token ids, "
-                            f"got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context (max_model_len) is "
-                             f"{self.max_model_len}, which leaves no room to generate")
+            text, ids = encode_prompt(prompt, self.tokenizer, self.cfg.vocab_size,
+                                      self.max_model_len)
         width = sp.best_of or sp.n
         if width > self.config.max_num_seqs:
             raise ValueError(f"n/best_of ({width}) exceeds max_num_seqs "
@@ -681,12 +670,7 @@ class LLMEngine:
         order.  All requests are validated before any is queued (errors name the prompt);
         if stepping raises (or is interrupted), the requests are aborted.
         ``prompt_token_ids[i]`` skips tokenizing text prompt ``i``."""
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sps = [sampling_params] * len(prompts)
-        else:
-            sps = list(sampling_params)
-            if len(sps) != len(prompts):
-                raise ValueError(f"got {len(sps)} SamplingParams for {len(prompts)} prompts")
+        sps = per_prompt(sampling_params, len(prompts))
         ids = list(prompt_token_ids) if prompt_token_ids is not None else [None] * len(prompts)
         reqs = []
         for i, (p, sp, tok) in enumerate(zip(prompts, sps, ids)):
