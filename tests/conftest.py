@@ -62,6 +62,23 @@ def tiny_llama(tmp_path_factory):
     return path, model, load_model(path, use_cache=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_sft():
+    """(tokenizer, config, host params, examples) of a tiny model trained on the SFT test
+    data (tests/data/captain_byte.jsonl), shared by the fine-tuning tests."""
+    from pathlib import Path
+
+    from jaxllm.models import llama
+    from jaxllm.train import data as D
+    from jaxllm.train.testing import dataset_texts, tiny_config, train_tiny_tokenizer
+
+    path = Path(__file__).parent / "data" / "captain_byte.jsonl"
+    tok = train_tiny_tokenizer(dataset_texts(path))
+    cfg = tiny_config(vocab_size=tok.vocab_size, eos_token_ids=(tok.eos_token_id,))
+    params = jax.device_get(llama.init_params(cfg, jax.random.key(0)))
+    return tok, cfg, params, D.load_examples(path, tok, max_len=65)
+
+
 def smollm2_path():
     from jaxllm.weights import default_model_path
 

@@ -12,22 +12,11 @@ import numpy as np
 import pytest
 
 from jaxllm.models import llama
-from jaxllm.train import data as D
 from jaxllm.train.lora import LoraConfig
 from jaxllm.train.loop import TrainConfig, Trainer
-from jaxllm.train.testing import dataset_texts, tiny_config, train_tiny_tokenizer
+from jaxllm.train.testing import tiny_config
 
-DATA = Path(__file__).parent / "data" / "captain_byte.jsonl"
 ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tok = train_tiny_tokenizer(dataset_texts(DATA))
-    cfg = tiny_config(vocab_size=tok.vocab_size, eos_token_ids=(tok.eos_token_id,))
-    params = jax.device_get(llama.init_params(cfg, jax.random.key(0)))
-    examples = D.load_examples(DATA, tok, max_len=65)
-    return tok, cfg, params, examples
 
 
 def _tc(**kw):
@@ -38,8 +27,8 @@ def _tc(**kw):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-dropout"])
-def test_resume_is_exact(tiny, tmp_path, lora):
-    tok, cfg, params, examples = tiny
+def test_resume_is_exact(tiny_sft, tmp_path, lora):
+    tok, cfg, params, examples = tiny_sft
     extra = dict(lora=LoraConfig(rank=4, dropout=0.2)) if lora else dict(weight_decay=0.1)
     extra.update(grad_accum=2)
     straight = Trainer(_tc(**extra), cfg, params, examples)
@@ -66,8 +55,8 @@ def test_resume_is_exact(tiny, tmp_path, lora):
     assert (tmp_path / "metrics.jsonl").is_file()
 
 
-def test_tiny_model_memorises_eight_examples(tiny):
-    tok, cfg, params, examples = tiny
+def test_tiny_model_memorises_eight_examples(tiny_sft):
+    tok, cfg, params, examples = tiny_sft
     eight = [e for e in examples if len(e) <= 64][:8]
     tc = _tc(batch_size=8, steps=150, lr=1e-2, packing=False, shuffle=False, min_lr_ratio=1.0,
              warmup_steps=5, eval_every=150)

@@ -10,26 +10,16 @@ import numpy as np
 import pytest
 
 from jaxllm.models import llama
-from jaxllm.train import data as D
 from jaxllm.train import lora as L
 from jaxllm.train.loop import TrainConfig, Trainer
-from jaxllm.train.testing import dataset_texts, tiny_config, train_tiny_tokenizer
+from jaxllm.train.testing import tiny_config
 
 DATA = Path(__file__).parent / "data" / "captain_byte.jsonl"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tok = train_tiny_tokenizer(dataset_texts(DATA))
-    cfg = tiny_config(vocab_size=tok.vocab_size, eos_token_ids=(tok.eos_token_id,))
-    params = jax.device_get(llama.init_params(cfg, jax.random.key(0)))
-    examples = D.load_examples(DATA, tok, max_len=65)
-    return tok, cfg, params, examples
-
-
-@pytest.fixture(scope="module")
-def trained(tiny):
-    tok, cfg, params, examples = tiny
+def trained(tiny_sft):
+    tok, cfg, params, examples = tiny_sft
     lcfg = L.LoraConfig(rank=4, alpha=8, dropout=0.1, targets="q,k,v,o,gate,up,down")
     tc = TrainConfig(seq_len=64, batch_size=4, steps=6, lr=1e-2, attn_impl="xla", progress=False,
                      lora=lcfg, scan_layers=False)  # unrolled: frozen base kept per layer
@@ -45,8 +35,8 @@ def _ids(cfg, n=20, seed=0):
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, n)).astype(np.int32)
 
 
-def test_lora_trains_only_the_adapter(tiny, trained):
-    _, cfg, params, _ = tiny
+def test_lora_trains_only_the_adapter(tiny_sft, trained):
+    _, cfg, params, _ = tiny_sft
     tr, lcfg = trained
     frozen = jax.device_get(llama.stack_layers(tr.frozen))
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(params)):
@@ -59,8 +49,8 @@ def test_lora_trains_only_the_adapter(tiny, trained):
     assert n_opt < 3 * L.num_lora_params(cfg, lcfg) + 100
 
 
-def test_merged_logits_equal_base_plus_adapter(tiny, trained, tmp_path):
-    _, cfg, params, _ = tiny
+def test_merged_logits_equal_base_plus_adapter(tiny_sft, trained, tmp_path):
+    _, cfg, params, _ = tiny_sft
     tr, lcfg = trained
     adapter = tr.trained_params()
     ids = _ids(cfg)
@@ -84,8 +74,8 @@ def test_merged_logits_equal_base_plus_adapter(tiny, trained, tmp_path):
         L.load_lora(params, tiny_config(vocab_size=cfg.vocab_size, hidden_size=32), path)
 
 
-def test_lora_dropout_is_training_only_and_keyed(tiny):
-    _, cfg, params, _ = tiny
+def test_lora_dropout_is_training_only_and_keyed(tiny_sft):
+    _, cfg, params, _ = tiny_sft
     lcfg = L.LoraConfig(rank=4, dropout=0.5, targets="all")
     lora = L.init_lora(cfg, lcfg, jax.random.PRNGKey(0))
     lora = jax.tree.map(lambda x: x + 0.1, lora)
@@ -111,13 +101,13 @@ def test_parse_targets():
         L.parse_targets("q,bogus")
 
 
-def test_hf_export_loads_in_transformers_with_equal_logits(tiny, trained, tmp_path):
+def test_hf_export_loads_in_transformers_with_equal_logits(tiny_sft, trained, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from jaxllm.weights import load_model
     from jaxllm.weights.hf import save_hf
 
-    tok, cfg, _, _ = tiny
+    tok, cfg, _, _ = tiny_sft
     tr, _ = trained
     merged = tr.merged_params()
     out = save_hf(tmp_path / "merged", cfg, merged, tokenizer=tok)
@@ -135,12 +125,12 @@ def test_hf_export_loads_in_transformers_with_equal_logits(tiny, trained, tmp_pa
     assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
 
 
-def test_finetune_cli_end_to_end(tiny, tmp_path):
+def test_finetune_cli_end_to_end(tiny_sft, tmp_path):
     from jaxllm.train.loop import main
     from jaxllm.weights import load_model
     from jaxllm.weights.hf import save_hf
 
-    tok, cfg, params, _ = tiny
+    tok, cfg, params, _ = tiny_sft
     base = save_hf(tmp_path / "base", cfg, params, tokenizer=tok)
     out = tmp_path / "run"
     argv = ["--model", str(base), "--data", str(DATA), "--lora", "--lora-rank", "4",
