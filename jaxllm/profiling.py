@@ -118,11 +118,12 @@ def model_steps(cfg, *, cache_len: int, impl: str = "xla", kv_dtype: Any = None,
     from jaxllm.attention import attention, cached_attention
     from jaxllm.generation import _write_cache, empty_caches  # the generate path's own layout
     from jaxllm.models import llama
+    from jaxllm.sampling import argmax
 
     def _pick(params, hidden):
         logits = llama.lm_head(params, cfg, hidden)
         with jax.named_scope("sampling"):
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return argmax(logits)
 
     def prefill(params, tokens):
         b, p = tokens.shape

@@ -98,7 +98,7 @@ def fuse_projections(params: Params) -> Params:
     def fuse(lp: dict) -> dict:
         if "wq" not in lp or any(f"{k}_lora_a" in lp for k in LORA_TARGETS):
             return lp
-        out = {k: v for k, v in lp.items()}
+        out = dict(lp)
         for fused, parts in FUSED.items():
             if all(p in lp for p in parts):
                 xp = np if isinstance(lp[parts[0]], np.ndarray) else jnp
@@ -205,12 +205,12 @@ LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 def matmul(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
-    """``x @ w`` in ``out_dtype`` (default ``x``'s dtype).  Low-precision (bf16) operands multiply with a float32
-    product: more exact, and on XLA:CPU the bf16 x bf16 -> f32 dot is the fast one
-    (576x3072 weights, 512 rows: 4.8 ms vs 10.5 ms bf16 -> bf16 and 9.1 ms in f32) --
-    but only with >= 2 rows (1 row: 0.71 ms vs 0.19 ms f32; a 49152-wide head 44 ms vs
-    3.9 ms for 2 rows), so on CPU a single row is padded to two (XLA's cost analysis then
-    counts two rows)."""
+    """``x @ w`` in ``out_dtype`` (default ``x``'s dtype).  Low-precision (bf16) operands
+    multiply with a float32 product: more exact, and on XLA:CPU the bf16 x bf16 -> f32 dot
+    is the fast one (576x3072 weights, 512 rows: 4.8 ms vs 10.5 ms bf16 -> bf16 and 9.1 ms
+    in f32) -- but only with >= 2 rows (1 row: 0.71 ms vs 0.19 ms f32; a 49152-wide head
+    44 ms vs 3.9 ms for 2 rows), so on CPU a single row is padded to two (XLA's cost
+    analysis then counts two rows)."""
     if x.dtype == jnp.float32 and w.dtype == jnp.float32:
         return (x @ w).astype(out_dtype or x.dtype)
     lead, k = x.shape[:-1], x.shape[-1]
