@@ -29,7 +29,8 @@ from flax import struct
 from jaxllm.attention import attention, cached_attention
 from jaxllm.config import ModelConfig
 from jaxllm.models import llama
-from jaxllm.sampling import SamplerFlags, SamplingParams, SamplingTensors, sample, suppress
+from jaxllm.sampling import (SamplerFlags, SamplingParams, SamplingTensors, argmax, sample,
+                             suppress)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -64,11 +65,25 @@ class DecodeState:
     prompt_mask: jax.Array | None  # [B, V] tokens present in the prompt (penalties only)
 
 
-def _pick_and_advance(state: DecodeState, logits: jax.Array, flags: SamplerFlags) -> DecodeState:
-    """Sample the next token for every row and update the bookkeeping."""
-    logits = suppress(logits, state.stop_ids, state.num_generated < state.min_tokens)
-    token = sample(logits, state.sampling, flags, state.num_generated, state.counts,
-                   state.prompt_mask)
+def _vocab_major(flags: SamplerFlags, rows: int, model: Any) -> bool:
+    """Whether the decode step picks from vocab-major logits ``[V, B]``: greedy batches of
+    2-32 rows on CPU (measured: 32 rows 15.8 -> 11.5 ms, 8 rows 8.9 -> 5.7 ms for head +
+    pick; 1 row and 64 rows no faster).  Sharded models keep their vocab-parallel head."""
+    return (model is None and flags.all_greedy and not flags.penalties and 2 <= rows <= 32
+            and jax.default_backend() == "cpu")
+
+
+def _pick_and_advance(state: DecodeState, logits: jax.Array, flags: SamplerFlags,
+                      vocab_major: bool = False) -> DecodeState:
+    """Sample the next token for every row and update the bookkeeping.  ``vocab_major``:
+    ``logits`` is ``[V, B]`` (greedy only, see :func:`_vocab_major`)."""
+    logits = suppress(logits, state.stop_ids, state.num_generated < state.min_tokens,
+                      vocab_major)
+    if vocab_major:
+        token = argmax(logits, axis=0)
+    else:
+        token = sample(logits, state.sampling, flags, state.num_generated, state.counts,
+                       state.prompt_mask)
     rows = jnp.arange(token.shape[0])
     live = ~state.done
     n_out = state.out_tokens.shape[1]
@@ -168,9 +183,10 @@ def prefill(params, tokens, kv_start, max_tokens, min_tokens, stop_ids, sampling
     return _pick_and_advance(state, logits, flags)
 
 
-def decode_logits(params, cfg: ModelConfig, state: DecodeState,
-                  model: Any = None) -> tuple[jax.Array, Any]:
-    """Run ``state.last_token`` through the model at ``state.slot``: (logits [B,V], caches)."""
+def decode_logits(params, cfg: ModelConfig, state: DecodeState, model: Any = None,
+                  vocab_major: bool = False) -> tuple[jax.Array, Any]:
+    """Run ``state.last_token`` through the model at ``state.slot``: (logits [B,V], caches)
+    (``[V,B]`` with ``vocab_major``)."""
     slot = state.slot
     positions = (slot - state.kv_start)[:, None]
 
@@ -182,14 +198,17 @@ def decode_logits(params, cfg: ModelConfig, state: DecodeState,
 
     hidden, caches = _forward(model, params, cfg, state.last_token[:, None], positions, attend,
                               {"kv_start": state.kv_start}, state.caches)
+    if vocab_major:
+        return llama.lm_head(params, cfg, hidden[:, -1], vocab_major=True), caches
     return _lm_head(model, params, cfg, hidden[:, -1]), caches
 
 
 def _decode_step(params, cfg: ModelConfig, state: DecodeState, flags: SamplerFlags,
                  model: Any = None) -> DecodeState:
-    logits, caches = decode_logits(params, cfg, state, model)
+    vm = _vocab_major(flags, state.last_token.shape[0], model)
+    logits, caches = decode_logits(params, cfg, state, model, vm)
     state = state.replace(caches=caches, slot=state.slot + 1)
-    return _pick_and_advance(state, logits, flags)
+    return _pick_and_advance(state, logits, flags, vm)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "flags", "model"), donate_argnames=("state",))

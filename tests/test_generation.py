@@ -9,7 +9,7 @@ from jaxllm import generation as G
 from jaxllm.compilation import count_compiles
 from jaxllm.config import ModelConfig
 from jaxllm.models import llama
-from jaxllm.sampling import SamplingParams
+from jaxllm.sampling import SamplerFlags, SamplingParams
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, max_position_embeddings=256)
@@ -55,6 +55,12 @@ def test_kv_cache_decode_equals_full_recompute(params, cfg):
 
 
 def test_batched_equals_alone_and_scan_equals_unrolled(params):
+    # the batch of 3 takes the vocab-major greedy head, a lone row the [B, V] one
+    flags = SamplerFlags.for_params([GREEDY])
+    assert G._vocab_major(flags, 4, None) and not G._vocab_major(flags, 1, None)
+    hidden = jax.random.normal(jax.random.key(1), (4, CFG.hidden_size))
+    np.testing.assert_allclose(np.asarray(llama.lm_head(params, CFG, hidden, vocab_major=True)),
+                               np.asarray(llama.lm_head(params, CFG, hidden)).T, atol=1e-4)
     batched, _ = _run(params, CFG, PROMPTS, [GREEDY] * 3)
     for i, p in enumerate(PROMPTS):
         alone, _ = _run(params, CFG, [p], [GREEDY])

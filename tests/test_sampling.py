@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm.sampling import (SamplerFlags, SamplingParams, SamplingTensors, allowed_mask,
-                             apply_penalties, sample, suppress)
+                             apply_penalties, argmax, sample, suppress)
 
 V = 50
 
@@ -120,6 +120,21 @@ def test_suppress_blocks_only_active_rows():
     out = np.asarray(suppress(logits, jnp.asarray([[2, -1], [2, 5]]), jnp.asarray([True, False])))
     assert np.isneginf(out[0, 2]) and np.isfinite(out[0]).sum() == 5
     assert np.isfinite(out[1]).all()
+
+
+def test_vocab_major_argmax_and_suppress_match_row_major():
+    """The greedy decode step's [V, B] layout picks what the [B, V] layout picks, ties
+    going to the first index as in np.argmax."""
+    x = np.round(np.random.default_rng(7).normal(0, 1, (5, V)), 1).astype(np.float32)
+    x[1, [3, 17]] = x[1].max() + 1  # a tie
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), np.argmax(x, -1))
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x.T), axis=0)), np.argmax(x, -1))
+    ids = jnp.asarray([[2, -1]] * 4 + [[int(np.argmax(x[4])), 5]])
+    active = jnp.asarray([True, False, True, False, True])
+    row = np.asarray(suppress(jnp.asarray(x), ids, active))
+    col = np.asarray(suppress(jnp.asarray(x.T), ids, active, vocab_major=True))
+    np.testing.assert_array_equal(col.T, row)
+    assert np.isneginf(row[4, np.argmax(x[4])]) and np.isfinite(row[1]).all()
 
 
 @pytest.mark.parametrize("field,value", [

@@ -330,10 +330,17 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     return x, new_caches
 
 
-def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Project hidden states to float32 logits (tied embeddings when there is no ``lm_head``)."""
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
+            vocab_major: bool = False) -> jax.Array:
+    """Project hidden states to float32 logits (tied embeddings when there is no ``lm_head``).
+
+    ``vocab_major``: for ``hidden [N, D]`` return ``[V, N]`` (``W^T @ hidden^T``): the
+    product XLA:CPU computes without transposing a ``[N, V]`` result (32 rows x 49152:
+    15.8 -> 11.5 ms with the greedy pick; used by the greedy decode step)."""
     with jax.named_scope("lm_head"):
         w = params["lm_head"] if "lm_head" in params else params["embed"].T
+        if vocab_major:
+            return matmul(w.T, hidden.T.astype(w.dtype), jnp.float32)
         return matmul(hidden, w.astype(hidden.dtype), jnp.float32)
 
 
