@@ -264,10 +264,8 @@ def suppress(logits: jax.Array, token_ids: jax.Array, active: jax.Array,
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, v_axis)
         hit = jnp.zeros(logits.shape, bool)
         for j in range(token_ids.shape[1]):  # stop ids per row: a handful
-            ids = token_ids[:, j]
-            hit |= vocab == (ids[None, :] if vocab_major else ids[:, None])
-        act = active[None, :] if vocab_major else active[:, None]
-        return jnp.where(hit & act, _NEG_INF, logits)
+            hit |= vocab == jnp.expand_dims(token_ids[:, j], v_axis)
+        return jnp.where(hit & jnp.expand_dims(active, v_axis), _NEG_INF, logits)
 
     return jax.lax.cond(jnp.any(active), apply, lambda: logits)
 
