@@ -340,7 +340,7 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
     with jax.named_scope("lm_head"):
         w = params["lm_head"] if "lm_head" in params else params["embed"].T
         if vocab_major:
-            return matmul(w.T, hidden.T.astype(w.dtype), jnp.float32)
+            return matmul(w.T.astype(hidden.dtype), hidden.T, jnp.float32)
         return matmul(hidden, w.astype(hidden.dtype), jnp.float32)
 
 
