@@ -1,0 +1,201 @@
+"""Native CPU kernels called through ``jax.ffi``, beside their XLA twins.
+
+Used only on the CPU backend and only where they measured faster than XLA:CPU (the
+dispatch in ``jaxllm.attention`` / ``jaxllm.models.llama`` decides; see
+docs/cpu_kernels.md).  The C++ sources are compiled with the system compiler on first
+use (:mod:`cpu_kernels.build`).  ``JAXLLM_CPU_KERNELS``:
+
+* unset -- build on first use; if that fails, log one line and use XLA;
+* ``0`` -- never use the kernels;
+* ``1`` -- raise if they cannot be built, and also take the small-M matmul for float32
+  weights at every row count it supports (the measured threshold is 2-8 rows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["active", "available", "forced", "matmul", "matmul_applies", "override",
+           "paged_decode_attention"]
+
+_log = logging.getLogger("jaxllm.cpu_kernels")
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool, "lib": ctypes handle (kept alive)
+_TARGETS = {"paged_decode": "JaxllmPagedDecodeAttention", "small_matmul": "JaxllmSmallMatmul"}
+_override: list[bool] = []  # innermost override() wins
+
+
+def _mode() -> str:
+    return os.environ.get("JAXLLM_CPU_KERNELS", "").strip().lower()
+
+
+def forced() -> bool:
+    """True when ``JAXLLM_CPU_KERNELS=1`` (see the module docstring)."""
+    return _mode() in ("1", "on", "true", "yes")
+
+
+def available() -> bool:
+    """Whether the kernels can be used in this process (builds and registers on first call).
+
+    False when ``JAXLLM_CPU_KERNELS=0`` or the build failed (logged once); a failed build
+    raises instead when ``JAXLLM_CPU_KERNELS=1``.
+    """
+    if _override:
+        if not _override[-1]:
+            return False
+    elif _mode() in ("0", "off", "false", "no"):
+        return False
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _load()
+        return bool(_state["ok"])
+
+
+def active() -> bool:
+    """Whether dispatch sites should use the kernels now: CPU backend with one device
+    (the FFI calls have no sharding rule: a sharded operand would be gathered) and
+    :func:`available`."""
+    return (jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+
+
+@contextlib.contextmanager
+def override(enabled: bool):
+    """Force the kernels on or off while tracing inside the block, whatever
+    ``JAXLLM_CPU_KERNELS`` says (tests and benchmarks use it to trace the XLA twins)."""
+    _override.append(enabled)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _load() -> bool:
+    from cpu_kernels.build import BuildError, build
+
+    try:
+        path = build()
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(f"jaxllm_{name}",
+                                        jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+    except (BuildError, OSError, AttributeError) as e:
+        if forced():
+            raise RuntimeError(f"JAXLLM_CPU_KERNELS=1 but the CPU kernels failed: {e}") from e
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+        _log.warning("CPU kernels unavailable, using the XLA paths (JAXLLM_CPU_KERNELS=0 "
+                     "skips the build): %s", reason)
+        return False
+    _state["lib"] = lib
+    return True
+
+
+def _reset_for_tests() -> None:
+    """Forget the cached availability (tests toggle the environment)."""
+    with _lock:
+        _state.pop("ok", None)
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    sm_scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+) -> jax.Array:
+    """Decode attention over the page pool; same contract as
+    ``jaxllm.attention.paged_decode_attention`` (``q [B,Hq,D]``, pools
+    ``[P,page,Hkv,D]`` float32, bfloat16 (or its bits as uint16) or int8 with float32
+    scales ``[P,page,Hkv]``).  Pools are read in place and widened in registers.
+
+    Call :func:`available` first.  Returns ``[B,Hq,D]`` in ``q``'s dtype.
+    """
+    if q.dtype not in (jnp.float32, jnp.bfloat16):
+        q = q.astype(jnp.float32)
+    if k_pages.dtype == jnp.int8:
+        if k_scales is None or v_scales is None:
+            raise ValueError("int8 pools need k_scales and v_scales")
+        ks, vs = k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)
+    else:
+        ks = vs = jnp.zeros((0,), jnp.float32)  # unused by the kernel
+    if k_pages.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16, jnp.int8):
+        k_pages, v_pages = k_pages.astype(jnp.float32), v_pages.astype(jnp.float32)
+    v_pages = v_pages.astype(k_pages.dtype)
+    call = jax.ffi.ffi_call("jaxllm_paged_decode",
+                            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")
+    out = call(q, k_pages, v_pages, block_tables.astype(jnp.int32),
+               lengths.astype(jnp.int32), ks, vs, sm_scale=np.float32(sm_scale),
+               soft_cap=np.float32(soft_cap or 0.0),
+               window=np.int64(sliding_window or 0))
+    return out.astype(q.dtype)
+
+
+@jax.custom_vjp
+def _small_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call("jaxllm_small_matmul",
+                            jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+                            vmap_method="sequential")(x, w)
+
+
+def _small_matmul_fwd(x, w):
+    return _small_matmul(x, w), (x, w)
+
+
+def _small_matmul_bwd(res, dy):  # training never needs a kernel here: plain XLA
+    x, w = res
+    wf = w.astype(jnp.float32)
+    dx = (dy @ wf.T).astype(x.dtype)
+    dw = (x.astype(jnp.float32).T @ dy).astype(w.dtype)
+    return dx, dw
+
+
+_small_matmul.defvjp(_small_matmul_fwd, _small_matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., K] @ w [K, N]`` in float32 for few rows (the decode case): weights float32
+    or bfloat16 (or its bits as uint16), read in place and widened in registers, float32
+    accumulation.  Differentiable (the backward pass is plain XLA).  Call :func:`available`
+    first.
+    """
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        x = x.astype(jnp.float32)
+    lead = x.shape[:-1]
+    y = _small_matmul(x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(*lead, w.shape[-1])
+
+
+# Where the small-M matmul measured faster than XLA:CPU (docs/cpu_kernels.md):
+_MATMUL_MAX_ROWS = 16  # decode batches; XLA's tiled GEMM wins beyond
+_MATMUL_MAX_N = 8192  # the 49152-wide LM head: our column blocks stride 196 KB rows (slower)
+_MATMUL_F32_ROWS = (2, 8)  # float32 weights: 1 row ties XLA's dot, 16 rows lose
+
+
+def matmul_applies(rows: int, w) -> bool:
+    """Whether ``x [rows, K] @ w`` should take :func:`matmul`: only the shapes where it
+    measured faster (``JAXLLM_CPU_KERNELS=1`` adds float32 weights at any row count)."""
+    if not (isinstance(w, jax.Array) and w.ndim == 2 and 1 <= rows <= _MATMUL_MAX_ROWS
+            and w.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16)):
+        return False
+    if w.shape[1] > _MATMUL_MAX_N:
+        return False
+    f32_rows = _MATMUL_F32_ROWS[0] <= rows <= _MATMUL_F32_ROWS[1]
+    if w.dtype == jnp.float32 and not (f32_rows or forced()):
+        return False
+    return active()

@@ -1,0 +1,136 @@
+// Small-M matmul for decode: y [M, N] f32 = x [M, K] (f32 / bf16) @ w [K, N] (f32 / bf16 /
+// bf16 bits in u16), float32 accumulation, weights widened in registers.
+//
+// XLA:CPU streams such weights at ~12 GB/s (JAX_NOTES.md); the work here is a stream
+// over w in column blocks of 64: each block is read from memory once, for all rows,
+// with the rows in register tiles of MR rows x NV 8-lane vectors (MR * NV = 8 FMA
+// chains) -- for more rows the block is re-read from L2, not from memory.  Column
+// blocks are the parallel items.
+
+#include <vector>
+
+#include "common.h"
+#include "simd.h"
+
+namespace jaxllm {
+namespace {
+
+constexpr int64_t kBlock = 64;  // columns per item: one 128-byte bf16 run per weight row
+
+struct MatmulParams {
+  int64_t M, K, N;
+  const float* x;  // [M, K] widened
+  const void* w;
+  float* y;
+};
+
+#ifdef JAXLLM_AVX2
+// y[r0:r0+MR, n0:n0+8*NV] = x[r0:r0+MR] @ w[:, n0:n0+8*NV]
+template <typename W, int MR, int NV>
+static inline void Tile(const MatmulParams& p, int64_t r0, int64_t n0) {
+  const W* w = static_cast<const W*>(p.w) + n0;
+  __m256 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  const float* x = p.x + r0 * p.K;
+  for (int64_t k = 0; k < p.K; ++k) {
+    const W* wr = w + k * p.N;
+    __builtin_prefetch(wr + 16 * p.N);  // 16 rows ahead: a strided stream
+    __m256 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load8<W>(wr + 8 * v);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xb = _mm256_set1_ps(x[m * p.K + k]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(xb, wv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(p.y + (r0 + m) * p.N + n0 + 8 * v, acc[m][v]);
+}
+
+// A full 64-column block: row groups of 4 / 2 / 1 with 8 accumulators each.
+template <typename W>
+static void FullBlock(const MatmulParams& p, int64_t n0) {
+  int64_t r = 0;
+  for (; r + 4 <= p.M; r += 4)
+    for (int64_t c = 0; c < kBlock; c += 16) Tile<W, 4, 2>(p, r, n0 + c);
+  for (; r + 2 <= p.M; r += 2)
+    for (int64_t c = 0; c < kBlock; c += 32) Tile<W, 2, 4>(p, r, n0 + c);
+  for (; r < p.M; ++r) Tile<W, 1, 8>(p, r, n0);
+}
+#endif
+
+template <typename W>
+static void Columns(const MatmulParams& p, int64_t n0, int64_t n1) {  // plain loops
+  const W* w = static_cast<const W*>(p.w);
+  for (int64_t m = 0; m < p.M; ++m) {
+    float* y = p.y + m * p.N;
+    for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
+    for (int64_t k = 0; k < p.K; ++k) {
+      const float xv = p.x[m * p.K + k];
+      const W* wr = w + k * p.N;
+#pragma omp simd
+      for (int64_t n = n0; n < n1; ++n) y[n] += xv * load<W>(wr, n);
+    }
+  }
+}
+
+template <typename W>
+static void Run(ffi::ThreadPool& pool, const MatmulParams& p) {
+  const int64_t blocks = (p.N + kBlock - 1) / kBlock;
+  ParallelFor(pool, blocks, [&](int64_t i) {
+    const int64_t n0 = i * kBlock, n1 = std::min(p.N, n0 + kBlock);
+#ifdef JAXLLM_AVX2
+    if (n1 - n0 == kBlock) return FullBlock<W>(p, n0);
+    int64_t n = n0;
+    for (; n + 8 <= n1; n += 8) {
+      for (int64_t r = 0; r < p.M; ++r) Tile<W, 1, 1>(p, r, n);
+    }
+    if (n < n1) Columns<W>(p, n, n1);
+#else
+    Columns<W>(p, n0, n1);
+#endif
+  });
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument("small_matmul: expected x [M, K] and w [K, N]");
+  }
+  MatmulParams p;
+  p.M = xd[0];
+  p.K = xd[1];
+  p.N = wd[1];
+  std::vector<float> xf(p.M * p.K);  // activations widened once (M * K is small)
+  if (x.element_type() == ffi::DataType::F32) {
+    const float* src = static_cast<const float*>(x.untyped_data());
+    std::copy(src, src + p.M * p.K, xf.begin());
+  } else if (x.element_type() == ffi::DataType::BF16) {
+    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+    for (int64_t i = 0; i < p.M * p.K; ++i) xf[i] = bf16_to_f32(src[i]);
+  } else {
+    return ffi::Error::InvalidArgument("small_matmul: x must be float32 or bfloat16");
+  }
+  p.x = xf.data();
+  p.w = w.untyped_data();
+  p.y = y->typed_data();
+  switch (w.element_type()) {
+    case ffi::DataType::F32: Run<float>(pool, p); break;
+    case ffi::DataType::BF16:
+    case ffi::DataType::U16: Run<uint16_t>(pool, p); break;
+    default:
+      return ffi::Error::InvalidArgument("small_matmul: w must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jaxllm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmSmallMatmul, jaxllm::MatmulImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x [M, K]
+                                  .Arg<xla::ffi::AnyBuffer>()  // w [K, N]
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());

@@ -1,0 +1,209 @@
+"""C++ CPU kernels vs their XLA twins, timed interleaved (ours, xla, ours, xla, ...).
+
+    PYTHONPATH=. python scripts/bench_cpu_kernels.py [--quick] [--only attention|matmul]
+    PYTHONPATH=. python scripts/bench_cpu_kernels.py --engine [--dtype bfloat16]
+
+Attention: SmolLM2-135M shapes (Hq=9, Hkv=3, D=64, page 16), one layer's paged decode
+over a shuffled page pool; contexts drawn uniformly from a range per row.  Prints the
+workload, the device, median ms of each, xla/ours (> 1: the kernel is faster) and the
+live K/V bytes streamed per second by the kernel.  Matmul: decode-sized ``x [M, K] @ w``.
+``--engine``: the paged engine on the default model with the kernels off and on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import cpu_kernels  # noqa: E402
+from jaxllm import attention as A  # noqa: E402
+
+
+def _time_pair(f_ours, f_xla, args, reps: int) -> tuple[float, float]:
+    """Median wall ms of each, measured alternately so load changes hit both alike."""
+    for f in (f_ours, f_xla):
+        jax.block_until_ready(f(*args))
+        jax.block_until_ready(f(*args))
+    ours, xla = [], []
+    for _ in range(reps):
+        for f, acc in ((f_ours, ours), (f_xla, xla)):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            acc.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ours), statistics.median(xla)
+
+
+def bench_attention(quick: bool) -> None:
+    hq, hkv, d, page = 9, 3, 64, 16
+    cases = [(64, 16, 768), (32, 16, 768), (8, 16, 768), (1, 16, 768), (1, 2048, 2048),
+             (64, 128, 128), (8, 512, 512), (2, 16, 768), (4, 16, 768), (16, 16, 768)]
+    if quick:
+        cases = cases[:4]
+    # uint16: bfloat16 bits, the form the engine keeps bf16 pools in on XLA:CPU
+    dtypes = ("float32", "bfloat16", "uint16", "int8")
+    rng = np.random.default_rng(0)
+    print(f"{'workload':34s} {'pool':8s} {'ours ms':>8s} {'xla ms':>8s} {'xla/ours':>8s} "
+          f"{'ours GB/s':>9s}")
+    for b, lo, hi in cases:
+        lengths = rng.integers(lo, hi + 1, b).astype(np.int32)
+        width = -(-hi // page)
+        num_pages = b * width + 1
+        bt = rng.permutation(num_pages)[: b * width].reshape(b, width).astype(np.int32)
+        q = jnp.asarray(rng.standard_normal((b, hq, d)), jnp.float32)
+        kf = rng.standard_normal((num_pages, page, hkv, d)).astype(np.float32)
+        vf = rng.standard_normal((num_pages, page, hkv, d)).astype(np.float32)
+        for dt in dtypes:
+            if dt == "int8":
+                ks = (np.abs(kf).max(-1) / 127).astype(np.float32)
+                vs = (np.abs(vf).max(-1) / 127).astype(np.float32)
+                kp = jnp.asarray(np.round(kf / ks[..., None]), jnp.int8)
+                vp = jnp.asarray(np.round(vf / vs[..., None]), jnp.int8)
+                scales = dict(k_scales=jnp.asarray(ks), v_scales=jnp.asarray(vs))
+                elem = 1 + 4 / d
+            elif dt == "uint16":
+                kp, vp = (jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.bfloat16), jnp.uint16)
+                          for x in (kf, vf))
+                scales = {}
+                elem = 2
+            else:
+                kp, vp = jnp.asarray(kf, dt), jnp.asarray(vf, dt)
+                scales = {}
+                elem = jnp.dtype(dt).itemsize
+            args = (q, kp, vp, jnp.asarray(bt), jnp.asarray(lengths))
+            ours = jax.jit(lambda q, k, v, t, n: cpu_kernels.paged_decode_attention(
+                q, k, v, t, n, sm_scale=d ** -0.5, **scales)).lower(*args).compile()
+            with cpu_kernels.override(False):  # compiled now: the XLA twin, not the kernel
+                xla = jax.jit(lambda q, k, v, t, n: A.paged_decode_attention(
+                    q, k, v, t, n, impl="xla", **scales)).lower(*args).compile()
+            err = float(jnp.max(jnp.abs(ours(*args).astype(jnp.float32)
+                                        - xla(*args).astype(jnp.float32))))
+            t_ours, t_xla = _time_pair(ours, xla, args, 7 if quick else 15)
+            live = float(lengths.sum()) * hkv * d * elem * 2
+            name = f"decode B={b} ctx {lo}-{hi}"
+            print(f"{name:34s} {dt:8s} {t_ours:8.3f} {t_xla:8.3f} {t_xla / t_ours:8.2f} "
+                  f"{live / t_ours / 1e6:9.1f}   (max |diff| {err:.1e})", flush=True)
+
+
+def bench_matmul(quick: bool) -> None:
+    from jaxllm.models import llama
+
+    rng = np.random.default_rng(0)
+    # SmolLM2-135M projections (q/o 576x576, fused kv 576x384... gate/up 576x1536, down
+    # 1536x576) and its 49152-wide LM head
+    shapes = [(576, 1536), (1536, 576), (576, 576), (576, 49152)]
+    rows = (1, 2, 4, 8, 16)
+    if quick:
+        shapes, rows = shapes[:2], (1, 8)
+    print(f"{'workload':40s} {'ours ms':>8s} {'xla ms':>8s} {'xla/ours':>8s} {'ours GB/s':>9s}")
+    for dt in ("float32", "bfloat16"):
+        for k, n in shapes:
+            w = jnp.asarray(rng.standard_normal((k, n)) * 0.05, dt)
+            for m in rows:
+                x = jnp.asarray(rng.standard_normal((m, k)), dt)
+                ours = jax.jit(cpu_kernels.matmul).lower(x, w).compile()
+                with cpu_kernels.override(False):  # llama.matmul's XLA path, compiled now
+                    xla = jax.jit(lambda x, w: llama.matmul(x, w, jnp.float32)).lower(
+                        x, w).compile()
+                err = float(jnp.max(jnp.abs(ours(x, w) - xla(x, w))))
+                t_ours, t_xla = _time_pair(ours, xla, (x, w), 9 if quick else 25)
+                gbs = k * n * jnp.dtype(dt).itemsize / t_ours / 1e6
+                print(f"{f'{dt} matmul M={m} K={k} N={n}':40s} {t_ours:8.3f} {t_xla:8.3f} "
+                      f"{t_xla / t_ours:8.2f} {gbs:9.1f}   (max |diff| {err:.1e})", flush=True)
+
+
+def engine_child(dtype: str, requests: int, out_len: int) -> None:
+    """One engine run in this process (JAXLLM_CPU_KERNELS as inherited): generate the
+    workload once to compile every shape it reaches, then time it again; prints JSON."""
+    import json
+
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.engine.engine import LLMEngine
+
+    llm = LLM(dtype=dtype)
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(100, 40000, rng.integers(16, 513))]
+               for _ in range(requests)]
+    sp = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    eng = LLMEngine(llm.params, llm.config, eos_token_ids=llm.eos_token_ids,
+                    max_model_len=llm.max_model_len, max_num_seqs=requests,
+                    max_num_batched_tokens=512, num_scheduler_steps=8,
+                    num_pages=requests * (512 + out_len) // 16 + 64)
+    eng.generate(prompts, sp)  # compiles
+    t = time.perf_counter()
+    outs = eng.generate(prompts, sp)
+    wall = time.perf_counter() - t
+    n = sum(len(o.token_ids) for o in outs)
+    print(json.dumps(dict(kernels=cpu_kernels.active(), dtype=dtype, wall_s=round(wall, 2),
+                          tok_s=round(n / wall, 1), tokens=[o.token_ids[:8] for o in outs[:2]],
+                          load=os.getloadavg()[0])), flush=True)
+
+
+def bench_engine(dtype: str, requests: int, out_len: int, rounds: int) -> None:
+    """Engine output tok/s with the kernels off / on, in alternating child processes."""
+    import json
+    import sys
+
+    print(f"engine: {requests} requests at once, prompts 16-512, {out_len} output tokens, "
+          f"greedy, {dtype}; second generate() of the same workload timed")
+    res: dict[str, list[float]] = {"0": [], "1": []}
+    for _ in range(rounds):
+        for mode in ("0", "1"):
+            env = {**os.environ, "JAXLLM_CPU_KERNELS": mode}
+            out = subprocess.run([sys.executable, __file__, "--engine-child", dtype,
+                                  str(requests), str(out_len)], env=env, capture_output=True,
+                                 text=True)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            if not line:
+                print(out.stderr[-2000:])
+                continue
+            r = json.loads(line[-1])
+            res[mode].append(r["tok_s"])
+            print(f"JAXLLM_CPU_KERNELS={mode}: {r}", flush=True)
+    if res["0"] and res["1"]:
+        off, on = statistics.median(res["0"]), statistics.median(res["1"])
+        print(f"engine tok/s median: off {off:.1f}, on {on:.1f}, on/off {on / off:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=("attention", "matmul"))
+    ap.add_argument("--engine", action="store_true",
+                    help="instead: the engine with kernels off / on (alternating processes)")
+    ap.add_argument("--dtype", default="float32", help="--engine: model dtype")
+    ap.add_argument("--requests", type=int, default=16, help="--engine: requests at once")
+    ap.add_argument("--out-len", type=int, default=64, help="--engine: output tokens")
+    ap.add_argument("--rounds", type=int, default=2, help="--engine: off/on pairs")
+    ap.add_argument("--engine-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.engine_child:
+        engine_child(args.engine_child[0], int(args.engine_child[1]),
+                     int(args.engine_child[2]))
+        return
+    if not cpu_kernels.available():
+        raise SystemExit("CPU kernels unavailable (see the log line above)")
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"],
+                         capture_output=True, text=True).stdout.strip()
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"device: {jax.devices()[0].device_kind} ({cpu}), {os.cpu_count()} cores; jax "
+          f"{jax.__version__}\nuptime: {load}")
+    if args.engine:
+        bench_engine(args.dtype, args.requests, args.out_len, args.rounds)
+    elif args.only in (None, "attention"):
+        bench_attention(args.quick)
+    if args.only in (None, "matmul") and not args.engine:
+        bench_matmul(args.quick)
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+
+
+if __name__ == "__main__":
+    main()
