@@ -57,6 +57,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
+import jaxlib
+import numpy as np
+
+from jaxllm.hardware import cpu_model_name, cpu_threads
+from jaxllm.xla_cost import xla_cost as xla_cost_of
+
 DEFAULT_RESULTS = "results/benchmarks.jsonl"
 
 
@@ -114,25 +121,16 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _block(x: Any) -> Any:
-    try:
-        import jax
-
-        return jax.block_until_ready(x)
-    except ImportError:  # pragma: no cover
-        return x
-
-
 def time_fn(fn: Callable, *args, warmup: int = 1, repeat: int = 5, **kwargs) -> Timing:
     """Run ``fn(*args, **kwargs)`` ``warmup`` times, then time ``repeat`` calls (blocking on results)."""
     if repeat < 1:
         raise ValueError("repeat must be >= 1")
     for _ in range(warmup):
-        _block(fn(*args, **kwargs))
+        jax.block_until_ready(fn(*args, **kwargs))
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        _block(fn(*args, **kwargs))
+        jax.block_until_ready(fn(*args, **kwargs))
         times.append(time.perf_counter() - t0)
     return Timing(tuple(times))
 
@@ -153,14 +151,9 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
 @functools.lru_cache(maxsize=1)
 def environment() -> dict[str, Any]:
     """Device, CPU, thread count and versions, recorded with every row."""
-    from jaxllm.hardware import cpu_model_name, cpu_threads
-
     env: dict[str, Any] = {"cpu_model": cpu_model_name(), "threads": cpu_threads(),
                            "python": platform.python_version(), "hostname": socket.gethostname()}
     try:
-        import jax
-        import jaxlib
-
         dev = jax.devices()[0]
         env.update(platform=dev.platform, device_kind=dev.device_kind,
                    device_count=jax.device_count(), jax=jax.__version__,
@@ -204,10 +197,7 @@ class Bench:
         if xla_cost:
             if not hasattr(fn, "lower"):
                 raise TypeError("xla_cost=True needs a jax.jit-ed fn")
-            from jaxllm.roofline import xla_cost as _xla_cost
-
-            c = _xla_cost(fn, *args, **kwargs) if not kwargs else _xla_cost(
-                functools.partial(fn, **kwargs), *args)
+            c = xla_cost_of(functools.partial(fn, **kwargs) if kwargs else fn, *args)
             self.metrics.update({f"{prefix}flops": c["flops"], f"{prefix}bytes": c["bytes"]})
         if self.verbose:
             print(f"[bench] {self.name} {name or ''} {t}")
@@ -243,15 +233,10 @@ def append_row(row: Mapping[str, Any], path: str | os.PathLike | None = None) ->
 
 
 def _json_default(x: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(x, np.generic):
-            return x.item()
-        if isinstance(x, np.ndarray):
-            return x.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
     return str(x)
 
 

@@ -208,11 +208,11 @@ def measure_cpu(matmul_n: int = 2048, copy_mib: int = 256, repeat: int = 5) -> H
 
     Compute roof = 2 n^3 / time.  Bandwidth roof = (read + write) bytes of a
     jitted, donated (in place) ``x + 1`` over a float32 array far larger than the
-    caches / time.  Donation matters: a fresh output buffer per call pays
-    first-touch page faults and measures ~6 GB/s instead of ~45 GB/s here.
+    caches / time.  Donation matters: a fresh output buffer per call pays first-touch
+    page faults and measures a fraction of the bandwidth (docs/design.md#measurements).
     Both use the second-fastest of ``repeat`` runs after a warm-up; the result is cached
-    per process.  The same f32 figure is used for every compute dtype (XLA:CPU's
-    bf16 and int8 dots are within ~1.5x of it; see JAX_NOTES.md).
+    per process.  The same f32 figure is used for every compute dtype (XLA:CPU's bf16
+    and int8 dots run close to it).
     """
     import jax
     import jax.numpy as jnp

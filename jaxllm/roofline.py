@@ -13,7 +13,8 @@ decode turns compute-bound.  Formulas: docs/roofline.md.
 
 Public API::
 
-    from jaxllm.roofline import analyze, NAMED_CONFIGS
+    from jaxllm.named_configs import NAMED_CONFIGS
+    from jaxllm.roofline import analyze
     rep = analyze(NAMED_CONFIGS["llama3-8b"], "H100-SXM", batch=8, prompt_len=1024,
                   gen_len=256, weight_dtype="bf16", kv_dtype="bf16")
     print(rep.table())            # per-op tables + predictions
@@ -23,7 +24,7 @@ Public API::
     compare_with_xla(cfg, batch=1, prompt_len=32)   # analytic vs compiled.cost_analysis()
     plot_roofline(rep, "roofline.png", measured="results/benchmarks.jsonl")
 
-CLI (``jaxllm roofline``)::
+Command line (``jaxllm roofline``, parser in :mod:`jaxllm.cli`)::
 
     jaxllm roofline --model llama3-8b --hardware H100-SXM --batch 8 --prompt-len 1024
     jaxllm roofline --model smollm2-135m --hardware cpu --xla --plot roofline.png
@@ -32,38 +33,21 @@ CLI (``jaxllm roofline``)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import jax
+import jax.numpy as jnp
+
+from jaxllm.bench import read_results
 from jaxllm.config import ModelConfig
-from jaxllm.hardware import HardwareSpec, get_hardware, hardware_names, normalize_compute_dtype
-
-# --------------------------------------------------------------------------- named configs
-
-NAMED_CONFIGS: dict[str, ModelConfig] = {
-    # The textbook model: H=4096, D(head)=128, H'=11008, 32 layers, MHA.
-    "llama2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                             num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
-                             rms_norm_eps=1e-5, max_position_embeddings=4096,
-                             bos_token_id=1, eos_token_ids=(2,)),
-    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                             num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                             rms_norm_eps=1e-5, rope_theta=500000.0,
-                             max_position_embeddings=8192),
-    "llama3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                              num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
-                              rms_norm_eps=1e-5, rope_theta=500000.0,
-                              max_position_embeddings=8192),
-    "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                                rms_norm_eps=1e-5, rope_theta=100000.0,
-                                max_position_embeddings=8192, tie_word_embeddings=True),
-}
+from jaxllm.hardware import (HardwareSpec, get_hardware, normalize_compute_dtype,
+                             textbook_a100_ridge)
+from jaxllm.named_configs import NAMED_CONFIGS
+from jaxllm.xla_cost import xla_cost
 
 # Default workloads for named configs (the textbook's B=8, T=1024 for Llama-2-7B).
 NAMED_WORKLOADS: dict[str, dict[str, int]] = {"llama2-7b": {"batch": 8, "prompt_len": 1024}}
@@ -97,9 +81,12 @@ def resolve_model_config(spec: str | ModelConfig | None) -> tuple[str, ModelConf
     """``(name, config)`` from a built-in name, a checkpoint dir / config.json / .gguf path."""
     if isinstance(spec, ModelConfig):
         return "custom", spec
-    if spec is None or spec.lower() in ("default",):
-        from jaxllm.weights import default_model_path
+    # The loaders and the model code load on use: the analytic roofline (and the CLI
+    # parser that reads this module's tables) needs neither.
+    from jaxllm.weights import default_model_path
+    from jaxllm.weights.gguf import config_from_gguf, read_gguf
 
+    if spec is None or spec.lower() in ("default",):
         spec = str(default_model_path())
     if spec.lower() in NAMED_CONFIGS:
         return spec.lower(), NAMED_CONFIGS[spec.lower()]
@@ -111,8 +98,6 @@ def resolve_model_config(spec: str | ModelConfig | None) -> tuple[str, ModelConf
     if path.suffix == ".json" and path.is_file():
         return path.parent.name or path.stem, ModelConfig.from_hf(json.loads(path.read_text()))
     if path.suffix == ".gguf" and path.is_file():
-        from jaxllm.weights.gguf import config_from_gguf, read_gguf
-
         f = read_gguf(path)
         return path.stem, config_from_gguf(f.metadata, list(f.tensors), source=str(path))
     raise ValueError(f"--model {spec!r}: not a built-in config ({', '.join(NAMED_CONFIGS)}), "
@@ -511,8 +496,6 @@ def textbook_figures(B: int = 8, T: int = 1024, H: int = 4096, D: int = 128, H_f
     ``2 Tq Tk`` (exp and row-sum) FLOPs.  The A100 ridge is
     ``312e12 / (2039 * 2**30)`` -- see :func:`jaxllm.hardware.textbook_a100_ridge`.
     """
-    from jaxllm.hardware import textbook_a100_ridge
-
     e = bytes_per_elem
 
     def matmul(m: int, k: int, n: int) -> float:
@@ -535,46 +518,16 @@ def textbook_figures(B: int = 8, T: int = 1024, H: int = 4096, D: int = 128, H_f
 
 # --------------------------------------------------------------------------- XLA cross-check
 
-def _cost_dict(ca: Any) -> dict[str, float]:
-    """``cost_analysis()`` returns a dict, a one-element list of dicts, or None by version."""
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    return {k: float(v) for k, v in dict(ca or {}).items() if isinstance(v, (int, float))}
-
-
-def xla_cost(fn, *args) -> dict[str, float]:
-    """FLOPs / bytes accessed / transcendentals of the jitted ``fn`` compiled for ``args``."""
-    import jax
-
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    lowered = jitted.lower(*args)
-    cost = {}
-    try:
-        cost = _cost_dict(lowered.compile().cost_analysis())
-    except Exception:  # noqa: BLE001 - some backends cannot analyse a compiled executable
-        cost = {}
-    if "flops" not in cost:
-        cost = _cost_dict(lowered.cost_analysis())
-    return {"flops": cost.get("flops", 0.0), "bytes": cost.get("bytes accessed", 0.0),
-            "transcendentals": cost.get("transcendentals", 0.0)}
-
-
 def _xla_costs_exact(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int,
                      dtype: str) -> dict[str, dict[str, float]]:
-    import jax
-    import jax.numpy as jnp
-
-    from jaxllm.generation import empty_caches
-    from jaxllm.profiling import abstract_params, model_steps
+    from jaxllm.profiling import abstract_params, model_steps  # loaded on use (jax programs)
 
     prefill, decode = model_steps(cfg, cache_len=cache_len, impl="xla")
     params = abstract_params(cfg, dtype, unrolled=True)
     tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
-    caches = jax.eval_shape(lambda: empty_caches(cfg, batch, cache_len, jnp.dtype(dtype), False))
-    token = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    slot = jax.ShapeDtypeStruct((), jnp.int32)
+    state = jax.eval_shape(prefill, params, tokens)
     return {"prefill": xla_cost(prefill, params, tokens),
-            "decode": xla_cost(decode, params, caches, token, slot)}
+            "decode": xla_cost(decode, params, state)}
 
 
 def xla_costs(cfg: ModelConfig, *, batch: int, prompt_len: int, cache_len: int,
@@ -648,8 +601,6 @@ def _measured_points(path: str | Path) -> list[tuple[str, float, float]]:
     A row is plotted when its metrics carry ``flops`` and ``bytes`` (per call)
     and a time (``median_s``, or ``time_s``), or ``intensity`` and ``flop_s``.
     """
-    from jaxllm.bench import read_results
-
     pts = []
     for row in read_results(path):
         m = row.get("metrics", {})
@@ -664,6 +615,29 @@ def _measured_points(path: str | Path) -> list[tuple[str, float, float]]:
         label = row.get("benchmark", "?") + (f" {wl.get('case')}" if wl.get("case") else "")
         pts.append((label, float(inten), float(perf)))
     return pts
+
+
+def _label_op_clusters(ax: Any, points: list[tuple[str, float, float, float]], color: str,
+                       up: bool) -> None:
+    """One label per cluster of ops at (nearly) the same intensity, listing the ops that
+    take >= 3% of the phase's time; the rest would only overlap.  ``points``: (name,
+    intensity, FLOP/s, share of the phase's time)."""
+    groups: list[list[tuple]] = []
+    for p in sorted(points, key=lambda p: p[1]):
+        if groups and p[1] <= groups[-1][0][1] * 1.1:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    labelled = 0
+    for g in groups:
+        names = [f"{n} {sh:.0%}" for n, _, _, sh in sorted(g, key=lambda p: -p[3]) if sh >= 0.03]
+        if names:
+            dy = 8 + 22 * (labelled % 3)  # stagger neighbouring labels
+            labelled += 1
+            ax.annotate("\n".join(names), (g[0][1], g[0][2]), textcoords="offset points",
+                        xytext=(-4, dy) if up else (6, -dy), fontsize=7, color=color,
+                        ha="right" if up else "left", va="bottom" if up else "top",
+                        arrowprops={"arrowstyle": "-", "color": color, "lw": 0.4})
 
 
 def plot_roofline(report: RooflineReport, path: str | Path,
@@ -702,27 +676,7 @@ def plot_roofline(report: RooflineReport, path: str | Path,
         color, marker = style[phase]
         ax.scatter([p[1] for p in plist], [p[2] for p in plist], c=color, marker=marker, s=40,
                    zorder=3, label=f"{phase} ops", edgecolors="black", linewidths=0.5)
-        # One label per cluster of ops at (nearly) the same intensity, listing the ops
-        # that take >= 3% of the phase's time; the rest would only overlap.
-        groups: list[list[tuple]] = []
-        for p in sorted(plist, key=lambda p: p[1]):
-            if groups and p[1] <= groups[-1][0][1] * 1.1:
-                groups[-1].append(p)
-            else:
-                groups.append([p])
-        labelled = 0
-        for g in groups:
-            names = [f"{n} {sh:.0%}" for n, _, _, sh in sorted(g, key=lambda p: -p[3])
-                     if sh >= 0.03]
-            if names:
-                x, y = g[0][1], g[0][2]
-                up = phase == "prefill"
-                dy = 8 + 22 * (labelled % 3)  # stagger neighbouring labels
-                labelled += 1
-                ax.annotate("\n".join(names), (x, y), textcoords="offset points",
-                            xytext=(-4, dy) if up else (6, -dy), fontsize=7, color=color,
-                            ha="right" if up else "left", va="bottom" if up else "top",
-                            arrowprops={"arrowstyle": "-", "color": color, "lw": 0.4})
+        _label_op_clusters(ax, plist, color, up=phase == "prefill")
     if meas:
         ax.scatter([m[1] for m in meas], [m[2] for m in meas], c="tab:green", marker="*", s=90,
                    zorder=4, label="measured", edgecolors="black", linewidths=0.5)
@@ -743,78 +697,3 @@ def plot_roofline(report: RooflineReport, path: str | Path,
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-# --------------------------------------------------------------------------- CLI
-
-def add_roofline_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``jaxllm roofline``."""
-    p = subparsers.add_parser(
-        "roofline", help="roofline analysis: per-op FLOPs, bytes, bound and predicted latency",
-        description="Analytic roofline of prefill and decode for a model on a device. "
-                    f"Built-in models: {', '.join(NAMED_CONFIGS)} (or a checkpoint path). "
-                    f"Hardware: {', '.join(hardware_names())} (cpu is measured on the spot).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="llama2-7b",
-                   help="built-in name, HF checkpoint dir, config.json or .gguf file")
-    p.add_argument("--hardware", default="A100-80G", help="device spec (or cpu)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 1; 8 for llama2-7b)")
-    p.add_argument("--prompt-len", type=int, default=None,
-                   help="prompt length (default 512; 1024 for llama2-7b)")
-    p.add_argument("--gen-len", type=int, default=128, help="generated tokens")
-    p.add_argument("--weight-dtype", default="bf16", choices=sorted(WEIGHT_BYTES))
-    p.add_argument("--kv-dtype", default="bf16", choices=sorted(KV_BYTES))
-    p.add_argument("--compute-dtype", default=None, choices=["f32", "bf16", "int8"],
-                   help="peak used (default: f32 for f32 weights, else bf16)")
-    p.add_argument("--attention", default="auto", choices=["auto", "dense", "flash"],
-                   help="dense = XLA reference (scores in memory); flash = fused kernel; "
-                        "auto = dense on cpu, flash elsewhere")
-    p.add_argument("--xla", action="store_true",
-                   help="also compare analytic FLOPs/bytes with XLA cost_analysis() of the "
-                        "jitted prefill and decode step")
-    p.add_argument("--plot", default=None, metavar="PNG", help="write a roofline plot")
-    p.add_argument("--measured", default=None, metavar="JSONL",
-                   help="benchmark results file: rows with flops/bytes/median_s are plotted")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--textbook", action="store_true",
-                   help="print the Llama-2-7B / A100 textbook figures and exit")
-    p.set_defaults(func=cmd_roofline)
-    return p
-
-
-def cmd_roofline(args: argparse.Namespace) -> int:
-    if args.textbook:
-        for k, v in textbook_figures().items():
-            print(f"{k:<20}{v:10.2f}")
-        return 0
-    name, cfg = resolve_model_config(args.model)
-    defaults = {"batch": 1, "prompt_len": 512, **NAMED_WORKLOADS.get(name, {})}
-    batch = args.batch or defaults["batch"]
-    prompt_len = args.prompt_len or defaults["prompt_len"]
-    rep = analyze(cfg, args.hardware, batch=batch, prompt_len=prompt_len, gen_len=args.gen_len,
-                  weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype,
-                  compute_dtype=args.compute_dtype, attention=args.attention, model_name=name)
-    xla_rows = None
-    if args.xla:
-        dt = "float32" if rep.weight_dtype == "f32" else "bfloat16"
-        cache_len = -(-(prompt_len + args.gen_len) // 128) * 128
-        xla_rows = compare_with_xla(cfg, batch=batch, prompt_len=prompt_len,
-                                    cache_len=cache_len, dtype=dt)
-    if args.json:
-        out = rep.to_dict()
-        if xla_rows is not None:
-            out["xla"] = xla_rows
-        print(json.dumps(out, indent=1, default=str))
-    else:
-        print(rep.table())
-        if rep.hardware.measured:
-            print(f"(cpu roofs {rep.hardware.source})")
-        if xla_rows is not None:
-            dt = "float32" if rep.weight_dtype == "f32" else "bfloat16"
-            print(f"\nXLA cost_analysis() cross-check ({dt} weights and KV cache, dense XLA "
-                  f"attention, decode over the {xla_rows[1]['kv_len']}-slot cache buffer):")
-            print(format_xla_comparison(xla_rows))
-    if args.plot:
-        path = plot_roofline(rep, args.plot, measured=args.measured)
-        print(f"roofline plot written to {path}", file=sys.stderr)
-    return 0

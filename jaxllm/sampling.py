@@ -216,8 +216,8 @@ def allowed_mask(logits: jax.Array, st: SamplingTensors, flags: SamplerFlags) ->
 
 def argmax(logits: jax.Array, axis: int = -1) -> jax.Array:
     """``jnp.argmax(logits, axis)`` (first index of the maximum) as two plain reductions:
-    XLA:CPU runs the variadic (value, index) reduce of ``argmax`` unvectorised (32 x 49152
-    logits: 3.8 ms vs 1.1 ms).  ``axis`` is the vocabulary axis (0 for ``[V, B]``)."""
+    XLA:CPU runs the variadic (value, index) reduce of ``argmax`` unvectorised
+    (docs/design.md#measurements).  ``axis`` is the vocabulary axis (0 for ``[V, B]``)."""
     axis = axis % logits.ndim
     v = logits.shape[axis]
     best = jnp.max(logits, axis=axis, keepdims=True)
@@ -256,8 +256,8 @@ def suppress(logits: jax.Array, token_ids: jax.Array, active: jax.Array,
     ``vocab_major``: ``logits`` is ``[V, B]``.
 
     Used for ``min_tokens``: EOS and stop ids cannot be drawn before the minimum.  A few
-    fused compares against the vocabulary iota, skipped when no row is active (a scatter
-    into a ``[B, V]`` mask cost 9 ms per decode step at 32 x 49152 on CPU; now ~0.3 ms)."""
+    fused compares against the vocabulary iota, skipped when no row is active (cheaper
+    than a scatter into a ``[B, V]`` mask: docs/design.md#measurements)."""
     v_axis = 0 if vocab_major else logits.ndim - 1
 
     def apply():

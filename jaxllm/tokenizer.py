@@ -2,15 +2,10 @@
 
 Built on the ``tokenizers`` package (Rust, fast start-up) and a sandboxed ``jinja2``
 environment that mirrors ``transformers``' chat-template rendering; ``transformers``
-itself is never imported here.
-
-Two sources:
-
-* :meth:`Tokenizer.from_hf_dir` - ``tokenizer.json`` + ``tokenizer_config.json``
-  (+ ``chat_template.jinja`` / ``special_tokens_map.json`` / ``generation_config.json``);
-* :meth:`Tokenizer.from_gguf` - the ``tokenizer.*`` metadata of a GGUF file
-  (``gpt2`` byte-level BPE, ``llama`` SentencePiece-BPE), rebuilt as a ``tokenizers``
-  pipeline the way llama.cpp tokenizes (pre-tokenizer regex chosen by ``tokenizer.ggml.pre``).
+itself is never imported here.  :meth:`Tokenizer.from_hf_dir` reads ``tokenizer.json`` +
+``tokenizer_config.json`` (+ ``chat_template.jinja`` / ``special_tokens_map.json`` /
+``generation_config.json``); a GGUF file's tokenizer is built by
+:func:`jaxllm.weights.gguf.tokenizer_from_gguf`.
 
 :class:`IncrementalDetokenizer` turns a stream of generated ids into text deltas that
 never end inside a UTF-8 sequence.
@@ -32,46 +27,6 @@ __all__ = ["Tokenizer", "IncrementalDetokenizer"]
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
                       "<|endoftext|>", "<|end_of_text|>", "</s>", "<|END_OF_TURN_TOKEN|>",
                       "<|return|>", "<|call|>", "<turn|>")
-
-# llama.cpp pre-tokenizer regexes, by `tokenizer.ggml.pre` (llama-vocab.cpp).
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx",
-                     "smaug-bpe", "lfm2"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _QWEN2_SPLIT),
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O_SPLIT),
-}
-# GPT-2 regex after splitting every digit on its own (starcoder family, SmolLM).
-_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
-
-
-@lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (as in ``transformers``)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
 
 def _token_content(tok: Any) -> str | None:
     if tok is None:
@@ -179,7 +134,7 @@ class Tokenizer:
         if "add_bos_token" in cfg or "add_eos_token" in cfg:
             # As transformers (v5) does: explicit flags rebuild the post-processor.
             bos, eos = special("bos_token"), special("eos_token")
-            _set_post_processor(backend, bos if cfg.get("add_bos_token") and bos else None,
+            set_post_processor(backend, bos if cfg.get("add_bos_token") and bos else None,
                                 eos if cfg.get("add_eos_token") and eos else None)
         extra = []
         for f in (d / "generation_config.json",):
@@ -188,38 +143,6 @@ class Tokenizer:
         return cls(backend, chat_template=template, bos_token=special("bos_token"),
                    eos_token=special("eos_token"), unk_token=special("unk_token"),
                    pad_token=special("pad_token"), extra_eos_token_ids=extra, source=str(d))
-
-    @classmethod
-    def from_gguf(cls, info) -> "Tokenizer":
-        """Build from GGUF tokenizer metadata.
-
-        ``info``: a :class:`jaxllm.weights.gguf.GGUFTokenizerInfo`, or a path to a ``.gguf``.
-        """
-        if isinstance(info, (str, os.PathLike)):
-            from jaxllm.weights.gguf import GGUFTokenizerInfo, read_gguf
-            info = GGUFTokenizerInfo.from_metadata(read_gguf(info).metadata)
-        tokens = list(info.tokens)
-        if not tokens:
-            raise ValueError("GGUF file has no tokenizer.ggml.tokens")
-
-        def tok(i):
-            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-        if info.model == "gpt2":
-            backend = _gguf_byte_level(info)
-            add_bos = bool(info.add_bos_token)
-        elif info.model == "llama":
-            backend = _gguf_sentencepiece(info)
-            add_bos = True if info.add_bos_token is None else bool(info.add_bos_token)
-        else:
-            raise ValueError(f"GGUF tokenizer model {info.model!r} is not supported "
-                             "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
-        _add_gguf_special_tokens(backend, info)
-        _set_post_processor(backend, tok(info.bos_token_id) if add_bos else None,
-                            tok(info.eos_token_id) if info.add_eos_token else None)
-        return cls(backend, chat_template=info.chat_template, bos_token=tok(info.bos_token_id),
-                   eos_token=tok(info.eos_token_id), unk_token=tok(info.unk_token_id),
-                   pad_token=tok(info.pad_token_id), source="gguf")
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` + ``tokenizer_config.json`` (+ ``chat_template.jinja``)
@@ -389,93 +312,8 @@ class IncrementalDetokenizer:
         return list(self._ids)
 
 
-# ----------------------------------------------------------------------------- GGUF builders
-
-def _gguf_byte_level(info):
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as _Backend
-
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {}
-    for i, t in enumerate(info.tokens):
-        # llama.cpp writes a few control tokens in plain UTF-8; respell them like HF does.
-        key = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
-        vocab[key] = i
-    # No merges (some synthetic/test files): every token is then matched whole or not at all.
-    merges = [tuple(m.split(" ", 1)) for m in (info.merges or ())]
-    backend = _Backend(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                  end_of_word_suffix="", fuse_unk=False))
-    pre = info.pre or "default"
-    if pre in _PRE_SPLITS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in _DIGITS_THEN_GPT2:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    else:  # "gpt2", "default", and unknown families: GPT-2's own regex
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _gguf_sentencepiece(info):
-    """SentencePiece BPE (Llama 2, Mistral v0.1, TinyLlama ...) as ``tokenizers`` rebuilds it."""
-    from tokenizers import decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as _Backend
-
-    tokens = list(info.tokens)
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if info.merges:
-        merges = [tuple(m.split(" ", 1)) for m in info.merges]
-    else:
-        scores = info.scores or tuple(-float(i) for i in range(len(tokens)))
-        merges = _merges_from_scores(vocab, dict(zip(tokens, scores)))
-    unk = tokens[info.unk_token_id] if info.unk_token_id is not None else None
-    backend = _Backend(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
-                                  byte_fallback=True, dropout=None))
-    prefix = True if info.add_space_prefix is None else bool(info.add_space_prefix)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
-    seq = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if prefix:
-        seq.append(decoders.Strip(content=" ", left=1, right=0))
-    backend.decoder = decoders.Sequence(seq)
-    return backend
-
-
-def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
-    """SentencePiece vocab + scores -> BPE merges (best score first), as HF derives them."""
-    merges = []
-    for piece, score in scores.items():
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
-                 if piece[:k] in vocab and piece[k:] in vocab]
-        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
-
-
-def _add_gguf_special_tokens(backend, info) -> None:
-    from tokenizers import AddedToken
-
-    types = info.token_type or ()
-    byte_level = info.model == "gpt2"
-    alphabet = set(_bytes_to_unicode().values()) if byte_level else None
-    control = [AddedToken(t, normalized=False, special=True)
-               for t, ty in zip(info.tokens, types)
-               if ty == 3 and (alphabet is None or set(t) <= alphabet)]  # 3 = CONTROL
-    if control:
-        backend.add_special_tokens(control)
-    user = [AddedToken(t, normalized=False, special=False)
-            for t, ty in zip(info.tokens, types) if ty == 4]  # 4 = USER_DEFINED
-    if user:
-        backend.add_tokens(user)
-
-
-def _set_post_processor(backend, bos: str | None, eos: str | None) -> None:
+def set_post_processor(backend, bos: str | None, eos: str | None) -> None:
+    """Add ``bos`` / ``eos`` around every encoded sequence (``None``: leave that side out)."""
     from tokenizers import processors
 
     single = ([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else [])

@@ -1,4 +1,4 @@
-"""Generation benchmark (issue 2): jaxllm vs HF transformers, same model, dtype and threads.
+"""Generation benchmark: jaxllm vs HF transformers, same model, dtype and threads.
 
 The same as ``jaxllm bench`` (see ``jaxllm/benchmarks/generate.py`` for the workloads):
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxllm.roofline import (NAMED_CONFIGS, analyze, compare_with_xla,  # noqa: E402
-                             format_xla_comparison, plot_roofline, textbook_figures)
+from jaxllm.named_configs import NAMED_CONFIGS  # noqa: E402
+from jaxllm.roofline import (analyze, compare_with_xla, format_xla_comparison,  # noqa: E402
+                             plot_roofline, textbook_figures)
 
 
 def main(argv: list[str] | None = None) -> int:

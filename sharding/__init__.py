@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import jax
 
+from jaxllm.attention import resolve_impl
+from jaxllm.generation import StaticBatch
 from sharding.mesh import AXES, DATA, PIPELINE, TENSOR, describe, make_mesh, mesh_shape
 from sharding.model import ShardedModel, paged_forward
 from sharding.pipeline import bubble_fraction
@@ -60,9 +62,6 @@ def generate(model: ShardedModel, params: Any, prompts: Sequence[Sequence[int]],
              *, eos_ids: Sequence[int] = (), max_model_len: int | None = None,
              impl: str = "auto", steps: int | None = None) -> list[list[int]]:
     """Token ids in, token ids out: one static batch on the mesh (tests, benchmarks)."""
-    from jaxllm.attention import resolve_impl
-    from jaxllm.generation import StaticBatch
-
     sps = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
            else [sampling_params] * len(prompts))
     batch = StaticBatch(params, model.cfg, prompts, sps, eos_ids,

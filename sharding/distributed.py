@@ -120,24 +120,8 @@ def shutdown() -> None:
     _initialized_here = False
 
 
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """``--tp --pp --dp --microbatches --coordinator --num-processes --process-id``."""
-    g = parser.add_argument_group("parallelism (see docs/parallelism.md)")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: 1)")
-    g.add_argument("--pp", type=int, default=1, help="pipeline stages (default: 1)")
-    g.add_argument("--dp", type=int, default=1, help="data-parallel replicas (default: 1)")
-    g.add_argument("--microbatches", type=int, default=None,
-                   help="pipeline microbatches per forward (default: pp)")
-    g.add_argument("--coordinator", default=None,
-                   help="HOST:PORT of process 0 for a multi-process run (env JAXLLM_COORDINATOR)")
-    g.add_argument("--num-processes", type=int, default=None,
-                   help="processes in the job (env JAXLLM_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, default=None,
-                   help="this process's id, 0 = main (env JAXLLM_PROCESS_ID)")
-
-
 def init_from_args(args: argparse.Namespace) -> bool:
-    """:func:`initialize` from the flags of :func:`add_distributed_args` (and the env)."""
+    """:func:`initialize` from the flags of :func:`jaxllm.cli.add_distributed_args` (and the env)."""
     return initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
                       getattr(args, "process_id", None))
 

@@ -10,6 +10,7 @@ import pytest
 
 from jaxllm.tokenizer import IncrementalDetokenizer, Tokenizer
 from jaxllm.weights import default_model_path
+from jaxllm.weights.gguf import tokenizer_from_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,7 +36,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_gguf(default_model_path())
+    return tokenizer_from_gguf(default_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_incremental_detokenizer_numpy_ids(tok):
 
 
 def _byte_token(b: int) -> str:
-    from jaxllm.tokenizer import _bytes_to_unicode  # noqa: PLC2701
+    from jaxllm.weights.gguf import _bytes_to_unicode  # noqa: PLC2701
 
     return _bytes_to_unicode()[b]
 
@@ -217,7 +218,7 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    ours = Tokenizer.from_gguf(path)
+    ours = tokenizer_from_gguf(path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in ["hello world", " hello  world", "the tan ant", "日本語 😀", "hello</s>", "", "\n\nx"]:
         ids = ours.encode(text)

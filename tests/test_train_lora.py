@@ -126,7 +126,7 @@ def test_hf_export_loads_in_transformers_with_equal_logits(tiny_sft, trained, tm
 
 
 def test_finetune_cli_end_to_end(tiny_sft, tmp_path):
-    from jaxllm.train.loop import main
+    from jaxllm.cli import main
     from jaxllm.weights import load_model
     from jaxllm.weights.hf import save_hf
 
@@ -138,7 +138,7 @@ def test_finetune_cli_end_to_end(tiny_sft, tmp_path):
             "--lr", "1e-2", "--eval-fraction", "0.1", "--eval-every", "2", "--save-every", "2",
             "--merge", "-o", str(out), "--sample-prompt", "Who are you?", "--sample-max-tokens",
             "8", "--no-progress", "--profile-steps", "2-3", "--attention-impl", "xla"]
-    assert main(argv) == 0
+    assert main(["finetune", *argv]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and "eval_loss" in summary
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -155,7 +155,7 @@ def test_finetune_cli_end_to_end(tiny_sft, tmp_path):
                                np.asarray(_logits(adapter, cfg, ids)), atol=2e-5, rtol=1e-5)
     # running again with more steps resumes from the last checkpoint (step 4)
     argv[argv.index("--steps") + 1] = "6"
-    assert main(argv) == 0
+    assert main(["finetune", *argv]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 4, 6]
@@ -163,4 +163,4 @@ def test_finetune_cli_end_to_end(tiny_sft, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": 5, "output": "y"}\n')
     argv[argv.index("--data") + 1] = str(bad)
-    assert main(argv + ["--no-resume", "-o", str(tmp_path / "r2")]) == 2
+    assert main(["finetune", *argv, "--no-resume", "-o", str(tmp_path / "r2")]) == 2

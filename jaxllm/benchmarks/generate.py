@@ -1,6 +1,6 @@
 """Generation benchmark: jaxllm vs HF transformers on the same model, same dtype, same threads.
 
-Workloads (defaults follow the foundation issue):
+Workloads (flags in :func:`jaxllm.cli.add_bench_args`):
   prefill   one 512-token prompt, latency
   decode    batch 1 / 8 / 32, 128-token prompts, 128 new tokens, decode tokens/s
   no-cache  the recompute-everything baseline vs the KV cache at 256 new tokens (batch 1)
@@ -17,23 +17,13 @@ import os
 import statistics
 import time
 
+import jax
 import numpy as np
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batches", default="1,8,32", help="decode batch sizes (default: 1,8,32)")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--prefill-len", type=int, default=512)
-    p.add_argument("--nocache-tokens", type=int, default=256,
-                   help="new tokens for the no-cache vs KV-cache comparison (0 = skip)")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for HF")
-    p.add_argument("--scan-layers", action="store_true")
-    p.add_argument("--results", default=None, help="JSON-lines results file")
+from jaxllm.bench import Bench
+from jaxllm.generation import StaticBatch, generate_without_cache
+from jaxllm.llm import LLM
+from jaxllm.sampling import SamplingParams
 
 
 def _median_time(fn, repeat: int) -> float:
@@ -53,32 +43,21 @@ def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 
 class _Jax:
     def __init__(self, args):
-        import jax
-
-        from jaxllm.llm import LLM
-
-        self.jax = jax
         self.llm = LLM(args.model, dtype=args.dtype, scan_layers=args.scan_layers)
 
     def prefill(self, prompts):
-        from jaxllm.generation import StaticBatch
-        from jaxllm.sampling import SamplingParams
-
         sp = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         llm = self.llm
 
         def run():
             b = StaticBatch(llm.params, llm.config, prompts, [sp] * len(prompts), (),
                             max_model_len=llm.max_model_len, impl=llm.attention_impl)
-            self.jax.block_until_ready(b.state.last_token)
+            jax.block_until_ready(b.state.last_token)
 
         return run
 
     def decode(self, prompts, new_tokens):
         """Returns a function timing only the decode loop (prefill excluded)."""
-        from jaxllm.generation import StaticBatch
-        from jaxllm.sampling import SamplingParams
-
         sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         llm = self.llm
         box = {}
@@ -86,10 +65,10 @@ class _Jax:
         def run():
             b = StaticBatch(llm.params, llm.config, prompts, [sp] * len(prompts), (),
                             max_model_len=llm.max_model_len, impl=llm.attention_impl)
-            self.jax.block_until_ready(b.state.last_token)
+            jax.block_until_ready(b.state.last_token)
             t = time.perf_counter()
             b.step(new_tokens)
-            self.jax.block_until_ready(b.state.out_tokens)
+            jax.block_until_ready(b.state.out_tokens)
             box["t"] = time.perf_counter() - t
             out, num, _ = b.fetch()
             assert (num == new_tokens).all(), num
@@ -101,9 +80,6 @@ class _Jax:
         return timed
 
     def nocache(self, prompts, new_tokens):
-        from jaxllm.generation import generate_without_cache
-        from jaxllm.sampling import SamplingParams
-
         sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         llm = self.llm
         return lambda: generate_without_cache(llm.params, llm.config, prompts, sp,
@@ -112,6 +88,7 @@ class _Jax:
 
 class _HF:
     def __init__(self, args, path):
+        # torch and transformers load only for the baseline (--no-hf skips them).
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -153,10 +130,6 @@ class _HF:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxllm.bench import Bench
-
     jx = _Jax(args)
     vocab = jx.llm.config.vocab_size
     hf = None if args.no_hf else _HF(args, jx.llm.model_path)
@@ -198,22 +171,27 @@ def run(args: argparse.Namespace) -> int:
                b * n / ours, theirs and b * args.new_tokens / theirs, "tok/s")
 
     if args.nocache_tokens:
-        prompts = _prompts(1, args.prompt_len, vocab, seed=7)
-        fn = jx.decode(prompts, args.nocache_tokens)
-        fn()
-        cached = statistics.median([fn() for _ in range(args.repeat)])
-        nc = jx.nocache(prompts, args.nocache_tokens)
-        nc()
-        t = time.perf_counter()
-        nc()
-        recompute = time.perf_counter() - t
-        n = args.nocache_tokens
-        print(f"{'KV cache vs no-cache (' + str(n) + ' new)':<34}{(n - 1) / cached:>10.1f} tok/s"
-              f"{n / recompute:>10.1f} tok/s{recompute / cached * (n - 1) / n:>8.2f}x  "
-              f"(baseline: recompute)", flush=True)
-        Bench("generate", workload={"case": "kv-cache vs recompute", "dtype": args.dtype,
-                                    "prompt": args.prompt_len, "new": n},
-              results_file=args.results).record(
-            {"value": (n - 1) / cached, "unit": "tok/s", "baseline_value": n / recompute},
-            baseline="no-cache recompute", ratio=recompute / cached * (n - 1) / n)
+        _bench_nocache(jx, args, vocab)
     return 0
+
+
+def _bench_nocache(jx: _Jax, args: argparse.Namespace, vocab: int) -> None:
+    """Decode with the KV cache vs recomputing the whole sequence per token (batch 1)."""
+    prompts = _prompts(1, args.prompt_len, vocab, seed=7)
+    fn = jx.decode(prompts, args.nocache_tokens)
+    fn()
+    cached = statistics.median([fn() for _ in range(args.repeat)])
+    nc = jx.nocache(prompts, args.nocache_tokens)
+    nc()
+    t = time.perf_counter()
+    nc()
+    recompute = time.perf_counter() - t
+    n = args.nocache_tokens
+    print(f"{'KV cache vs no-cache (' + str(n) + ' new)':<34}{(n - 1) / cached:>10.1f} tok/s"
+          f"{n / recompute:>10.1f} tok/s{recompute / cached * (n - 1) / n:>8.2f}x  "
+          f"(baseline: recompute)", flush=True)
+    Bench("generate", workload={"case": "kv-cache vs recompute", "dtype": args.dtype,
+                                "prompt": args.prompt_len, "new": n},
+          results_file=args.results).record(
+        {"value": (n - 1) / cached, "unit": "tok/s", "baseline_value": n / recompute},
+        baseline="no-cache recompute", ratio=recompute / cached * (n - 1) / n)

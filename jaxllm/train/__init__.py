@@ -1,7 +1,7 @@
 """Fine-tuning: SFT and LoRA with optax, mixed precision, remat, accumulation, sharding,
 orbax checkpoints.  See docs/finetuning.md.
 
-Modules (imported lazily; nothing here touches JAX at import time):
+Modules (loaded on first use of their names):
 
 * :mod:`jaxllm.train.data`       -- JSONL records -> masked token rows, packing, loader
 * :mod:`jaxllm.train.step`       -- the jitted, donated training step (AdamW, accumulation)
@@ -14,11 +14,11 @@ Modules (imported lazily; nothing here touches JAX at import time):
 
 from __future__ import annotations
 
-__all__ = ["Trainer", "TrainConfig", "LoraConfig", "load_lora", "add_finetune_parser"]
+__all__ = ["Trainer", "TrainConfig", "LoraConfig", "load_lora"]
 
 
-def __getattr__(name):
-    if name in ("Trainer", "TrainConfig", "add_finetune_parser"):
+def __getattr__(name):  # lazy: `import jaxllm.train.lora` must not load optax and the loop
+    if name in ("Trainer", "TrainConfig"):
         from jaxllm.train import loop
         return getattr(loop, name)
     if name in ("LoraConfig", "load_lora"):

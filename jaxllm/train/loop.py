@@ -7,7 +7,7 @@ eval loss/perplexity every N steps; a progress bar with loss, tokens/s, learning
 rate and MFU; metrics to JSONL (and TensorBoard when installed); a
 ``jax.profiler`` trace of chosen steps.
 
-``jaxllm finetune`` (see :func:`add_finetune_parser`) loads a model with
+``jaxllm finetune`` (:func:`run_finetune`; flags in :mod:`jaxllm.cli`) loads a model with
 ``jaxllm.weights.load_model``, trains full-parameter SFT or a LoRA adapter, and
 exports: ``OUT/adapter`` (PEFT LoRA directory), ``OUT/merged`` (``--merge``: HF
 directory with the adapter folded in) or ``OUT/model`` (full fine-tuning, HF
@@ -24,16 +24,29 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.attention import resolve_impl
+from jaxllm.compilation import enable_compilation_cache
+from jaxllm.generation import StaticBatch
+from jaxllm.models import llama
+from jaxllm.sampling import SamplingParams
+from jaxllm.train import data as D
+from jaxllm.train import lora as lora_lib
+from jaxllm.train import sharding as shd
+from jaxllm.train import step as S
+from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.data import DataLoader, Example, eval_batches
+from jaxllm.train.lora import LoraConfig
+from jaxllm.train.metrics import MetricsWriter, peak_flops, train_flops_per_token
+from jaxllm.weights import load_model
+from jaxllm.weights.hf import save_hf
 
-if TYPE_CHECKING:
-    from jaxllm.train.lora import LoraConfig
-
-__all__ = ["TrainConfig", "Trainer", "add_finetune_parser", "run_finetune", "load_lora"]
+__all__ = ["TrainConfig", "Trainer", "run_finetune"]
 
 
 @dataclasses.dataclass
@@ -86,17 +99,6 @@ class TrainConfig:
         return d
 
 
-def load_lora(params: dict, cfg, path: str | os.PathLike, merge_weights: bool = False) -> dict:
-    """Attach a LoRA adapter directory (PEFT format, e.g. ``OUT/adapter``) to ``params``.
-
-    See :func:`jaxllm.train.lora.load_lora`: unmerged by default (``llama.linear`` adds
-    the low-rank term), ``merge_weights=True`` folds it into the weights.
-    """
-    from jaxllm.train.lora import load_lora as _load_lora
-
-    return _load_lora(params, cfg, path, merge_weights=merge_weights)
-
-
 class Trainer:
     """Train ``params`` of ``cfg`` on tokenized examples.
 
@@ -107,14 +109,6 @@ class Trainer:
 
     def __init__(self, tc: TrainConfig, cfg, params: dict, train_examples: Sequence[Example],
                  eval_examples: Sequence[Example] = ()) -> None:
-        import jax
-        import jax.numpy as jnp
-
-        from jaxllm.attention import resolve_impl
-        from jaxllm.train import lora as lora_lib
-        from jaxllm.train import sharding as shd
-        from jaxllm.train import step as S
-
         self.tc, self.cfg = tc, cfg
         if tc.batch_size % tc.grad_accum:
             raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of "
@@ -146,8 +140,7 @@ class Trainer:
             trained = lora_lib.init_lora(cfg, tc.lora, jax.random.PRNGKey(tc.seed + 1))
             frozen = jax.tree.map(lambda x: jnp.asarray(x, dt), lora_lib.strip(params))
             if not tc.scan_layers:  # unrolled: keep the frozen weights per layer (no slicing)
-                from jaxllm.models.llama import unstack_layers
-                frozen = unstack_layers(frozen)
+                frozen = llama.unstack_layers(frozen)
             self.num_lora = lora_lib.num_lora_params(cfg, tc.lora)
         else:
             trained, frozen, self.num_lora = params, None, None
@@ -178,15 +171,11 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
 
     def _put(self, batch: dict, sharding) -> dict:
-        import jax
-
         return jax.device_put(batch, sharding) if sharding is not None else jax.device_put(batch)
 
     def train_step(self, batch: dict) -> dict:
         """One optimizer step on a host batch ``{field: [batch_size, T]}``; returns device metrics."""
-        from jaxllm.train.step import split_accum
-
-        b = self._put(split_accum(batch, self.tc.grad_accum), self.batch_sharding)
+        b = self._put(S.split_accum(batch, self.tc.grad_accum), self.batch_sharding)
         self.state, metrics = self._train_step(self.state, self.frozen, b)
         return metrics
 
@@ -200,8 +189,6 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n}
 
     def checkpointer(self):
-        from jaxllm.train.checkpoint import Checkpointer
-
         if not self.tc.output_dir:
             return None
         if not hasattr(self, "_ckpt"):
@@ -231,17 +218,10 @@ class Trainer:
 
     def trained_params(self):
         """Host copy of what was trained: full params (float32) or the adapter."""
-        import jax
-
         return jax.device_get(self.state.params)
 
     def merged_params(self, dtype=np.float32) -> dict:
         """Full params after training (adapter merged in), numpy, stacked layers."""
-        import jax
-
-        from jaxllm.models import llama
-        from jaxllm.train import lora as lora_lib
-
         if self.tc.lora is None:
             return jax.tree.map(lambda x: np.asarray(x, dtype), self.trained_params())
         base = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(self._base))
@@ -252,10 +232,6 @@ class Trainer:
 
     def run(self, stop_at: int | None = None) -> list[dict]:
         """Train from the current (or resumed) step up to ``stop_at`` (default: all steps)."""
-        import jax
-
-        from jaxllm.train.metrics import MetricsWriter, peak_flops, train_flops_per_token
-
         tc = self.tc
         if tc.resume:
             meta = self.restore()
@@ -382,12 +358,6 @@ def _progress(total: int, initial: int, enabled: bool):
 def generate_answers(params: dict, cfg, tokenizer, prompts: Sequence[str], max_tokens: int = 64,
                      max_model_len: int = 1024) -> list[str]:
     """Greedy chat answers (for before/after samples); ``params`` stacked, numpy or jax."""
-    import jax
-
-    from jaxllm.generation import StaticBatch
-    from jaxllm.models import llama
-    from jaxllm.sampling import SamplingParams
-
     p = jax.device_put(llama.unstack_layers(params))
     ids = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]),
                             add_special_tokens=False) for q in prompts]
@@ -405,119 +375,7 @@ def generate_answers(params: dict, cfg, tokenizer, prompts: Sequence[str], max_t
     return res
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None,
-                   help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--data", nargs="+", required=True,
-                   help="JSONL file(s): instruction / chat (messages, conversations, history) "
-                        "/ prompt+response / text records")
-    g.add_argument("--eval-data", nargs="+", default=None, help="held-out JSONL file(s)")
-    g.add_argument("--eval-fraction", type=float, default=0.0,
-                   help="hold out this fraction of --data for eval when --eval-data is not given")
-    g.add_argument("--chat-template", default=None,
-                   help="file with a jinja chat template (default: the tokenizer's own)")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per row (default: 512)")
-    g.add_argument("--no-pack", action="store_true",
-                   help="one example per row instead of packing several (with segment ids)")
-    g.add_argument("--no-shuffle", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default: 1)")
-    g.add_argument("--batch-size", type=int, default=8,
-                   help="rows per optimizer step, all micro-batches and replicas (default: 8)")
-    g.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per step, accumulated with lax.scan (default: 1)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 2e-4 with --lora, 2e-5 otherwise)")
-    g.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
-    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1,
-                   help="cosine decays to lr x this (default: 0.1)")
-    g.add_argument("--weight-decay", type=float, default=0.0,
-                   help="AdamW decay (never on norms/biases; default: 0)")
-    g.add_argument("--adam-b1", type=float, default=0.9)
-    g.add_argument("--adam-b2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--max-grad-norm", type=float, default=1.0,
-                   help="global-norm clipping (0 = off; default: 1.0)")
-
-    g = p.add_argument_group("numerics and memory")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype; master weights and optimizer state stay float32 "
-                        "(default: float32)")
-    g.add_argument("--remat", default="none", choices=["none", "full", "dots"],
-                   help="per-layer rematerialisation: none, full (recompute the layer), "
-                        "dots (keep projection outputs)")
-    g.add_argument("--attention-impl", default="auto", choices=["auto", "pallas", "xla"],
-                   help="auto: Pallas flash attention (fwd+bwd) on GPU/TPU, XLA on CPU")
-    g.add_argument("--unroll-layers", action="store_true",
-                   help="run layers unrolled instead of under lax.scan (slower compile; on "
-                        "XLA:CPU remat then saves no memory)")
-    g.add_argument("--loss-chunk", type=int, default=0,
-                   help="compute the LM head + cross-entropy over sequence chunks of this size "
-                        "(saves the [rows, T, vocab] logits; 0 = off)")
-
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora", action="store_true", help="train a LoRA adapter, base frozen")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
-                   help="modules: q,k,v,o,gate,up,down (or attn, mlp, all)")
-    g.add_argument("--merge", action="store_true",
-                   help="also write OUT/merged: an HF directory with the adapter merged in")
-
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
-    g.add_argument("--fsdp", type=int, default=1,
-                   help="FSDP / ZeRO-3 group size: params, grads and optimizer state sharded")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-
-    g = p.add_argument_group("checkpoints, logging, eval")
-    g.add_argument("--output", "-o", default="runs/finetune",
-                   help="run directory: checkpoints/, metrics.jsonl, adapter/ or model/")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default: 3)")
-    g.add_argument("--no-resume", action="store_true",
-                   help="start fresh even if OUT/checkpoints has a checkpoint")
-    g.add_argument("--eval-every", type=int, default=0, help="eval loss/perplexity every N steps")
-    g.add_argument("--eval-batches", type=int, default=0, help="cap on eval batches (0 = all)")
-    g.add_argument("--log-every", type=int, default=1)
-    g.add_argument("--metrics-file", default=None, help="default: OUT/metrics.jsonl")
-    g.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="also write TensorBoard scalars (if a writer is installed)")
-    g.add_argument("--profile-steps", default=None, metavar="A[-B]",
-                   help="capture a jax.profiler trace of steps A..B into OUT/profile")
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for MFU (default: datasheet, or a measured CPU matmul)")
-    g.add_argument("--no-export", action="store_true", help="skip writing adapter/model dirs")
-    g.add_argument("--sample-prompt", action="append", default=None,
-                   help="a user message answered (greedy) before and after training; repeatable")
-    g.add_argument("--sample-max-tokens", type=int, default=48)
-    g.add_argument("--no-progress", action="store_true")
-
-
-def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``jaxllm finetune`` on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "finetune", help="supervised fine-tuning (full or LoRA) on JSONL data",
-        description="Fine-tune a model on JSONL instruction/chat/text data (loss on assistant "
-                    "tokens only), full-parameter or LoRA, with checkpoints and HF export.",
-        epilog="example (LoRA on the default SmolLM2-135M; ~9 min on a busy 2-core CPU):\n"
-               "  jaxllm finetune --lora --data tests/data/captain_byte.jsonl --dtype bfloat16 \\\n"
-               "      --seq-len 128 --batch-size 4 --steps 80 --lr 1e-3 -o runs/captain-byte --merge\n"
-               "  jaxllm generate 'Who are you?' --chat --model runs/captain-byte/merged",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run_finetune)
-    return p
-
+# --------------------------------------------------------------------------- command
 
 def _parse_steps(s: str | None) -> tuple[int, ...]:
     if not s:
@@ -532,8 +390,6 @@ def _parse_steps(s: str | None) -> tuple[int, ...]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from jaxllm.train.lora import LoraConfig
-
     lora = None
     if args.lora:
         lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -558,8 +414,6 @@ def _ensure_cpu_devices(n: int) -> None:
     """On CPU, ask for ``n`` host devices if the backend has not started yet."""
     if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
-    import jax
-
     try:
         if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu"):
             jax.config.update("jax_num_cpu_devices", n)
@@ -573,11 +427,46 @@ def run_finetune(args: argparse.Namespace) -> int:
     if tc.seq_len < 2 or tc.batch_size < 1 or tc.grad_accum < 1:
         raise ValueError("--seq-len must be >= 2, --batch-size and --grad-accum >= 1")
     _ensure_cpu_devices(tc.dp * tc.fsdp * tc.tp)
-    from jaxllm.compilation import enable_compilation_cache
-    from jaxllm.train import data as D
-    from jaxllm.weights import load_model
-
     enable_compilation_cache()
+    loaded, train_ex, eval_ex = _load_for_finetune(args, tc)
+    cfg, tok = loaded.config, loaded.tokenizer
+    out = Path(tc.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = {"prompts": args.sample_prompt or []}
+    if args.sample_prompt:
+        t = time.perf_counter()
+        samples["before"] = _sample_answers(args, loaded.params, cfg, tok, "before")
+        _log(f"sampled in {time.perf_counter() - t:.1f} s")
+
+    trainer = Trainer(tc, cfg, loaded.params, train_ex, eval_ex)
+    _log(f"{trainer.total_steps} steps of {tc.batch_size} x {tc.seq_len} tokens "
+         f"({trainer.loader.rows_per_epoch} packed rows per epoch); "
+         + (f"LoRA r={tc.lora.rank} on {','.join(tc.lora.targets)}: "
+            f"{trainer.num_lora / 1e6:.2f}M trainable params" if tc.lora else
+            "full fine-tuning")
+         + (f"; mesh {dict(trainer.mesh.shape)}" if trainer.mesh is not None else ""))
+    if not tc.resume and trainer.checkpointer() is not None and \
+            trainer.checkpointer().latest_step() is not None:
+        raise ValueError(f"{out / 'checkpoints'} already has checkpoints; remove them or drop "
+                         "--no-resume to continue from the latest")
+    t_train = time.perf_counter()
+    hist = trainer.run()
+    train_s = time.perf_counter() - t_train
+    trainer.close()
+    summary = _run_summary(hist, trainer, train_s)
+    if not args.no_export:
+        summary.update(_export(args, tc, trainer, loaded, out))
+    if args.sample_prompt:
+        samples["after"] = _sample_answers(args, trainer.merged_params(), cfg, tok, "after ")
+        (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in summary.items()))
+    return 0
+
+
+def _load_for_finetune(args: argparse.Namespace, tc: TrainConfig):
+    """``(loaded model, train examples, eval examples)`` from the flags."""
     t0 = time.perf_counter()
     for f in list(args.data) + list(args.eval_data or []):
         if not Path(f).is_file():
@@ -597,32 +486,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     _log(f"model {loaded.source.name}: {cfg.num_params() / 1e6:.1f}M params, loaded in "
          f"{time.perf_counter() - t0:.1f} s; data: {stats.describe()}; "
          f"{len(train_ex)} train / {len(eval_ex)} eval examples")
-    out = Path(tc.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    samples = {"prompts": args.sample_prompt or []}
-    if args.sample_prompt:
-        t = time.perf_counter()
-        samples["before"] = generate_answers(loaded.params, cfg, tok, args.sample_prompt,
-                                             args.sample_max_tokens)
-        for q, a in zip(args.sample_prompt, samples["before"]):
-            _log(f"before | {q!r} -> {a!r}")
-        _log(f"sampled in {time.perf_counter() - t:.1f} s")
+    return loaded, train_ex, eval_ex
 
-    trainer = Trainer(tc, cfg, loaded.params, train_ex, eval_ex)
-    _log(f"{trainer.total_steps} steps of {tc.batch_size} x {tc.seq_len} tokens "
-         f"({trainer.loader.rows_per_epoch} packed rows per epoch); "
-         + (f"LoRA r={tc.lora.rank} on {','.join(tc.lora.targets)}: "
-            f"{trainer.num_lora / 1e6:.2f}M trainable params" if tc.lora else
-            "full fine-tuning")
-         + (f"; mesh {dict(trainer.mesh.shape)}" if trainer.mesh is not None else ""))
-    if not tc.resume and trainer.checkpointer() is not None and \
-            trainer.checkpointer().latest_step() is not None:
-        raise ValueError(f"{out / 'checkpoints'} already has checkpoints; remove them or drop "
-                         "--no-resume to continue from the latest")
-    t_train = time.perf_counter()
-    hist = trainer.run()
-    train_s = time.perf_counter() - t_train
-    trainer.close()
+
+def _sample_answers(args: argparse.Namespace, params: dict, cfg, tok, tag: str) -> list[str]:
+    """Greedy answers to ``--sample-prompt``, logged as ``tag | prompt -> answer``."""
+    answers = generate_answers(params, cfg, tok, args.sample_prompt, args.sample_max_tokens)
+    for q, a in zip(args.sample_prompt, answers):
+        _log(f"{tag} | {q!r} -> {a!r}")
+    return answers
+
+
+def _run_summary(hist: list[dict], trainer: Trainer, train_s: float) -> dict[str, Any]:
+    """First/final loss, last eval, median tokens/s and MFU of a finished run."""
     summary: dict[str, Any] = {"train_seconds": train_s, "steps": trainer.total_steps}
     losses = [h["loss"] for h in hist if "loss" in h]
     if losses:
@@ -637,44 +513,21 @@ def run_finetune(args: argparse.Namespace) -> int:
     if mfu:
         summary["mfu_median"] = float(np.median(mfu))
         summary["peak_source"] = getattr(trainer, "peak_source", "")
-
-    if not args.no_export:
-        from jaxllm.train import lora as lora_lib
-        from jaxllm.weights.hf import save_hf
-
-        if tc.lora is not None:
-            p = lora_lib.save_adapter(out / "adapter", cfg, trainer.trained_params(), tc.lora,
-                                      base_model=str(loaded.source))
-            _log(f"adapter written to {p}")
-            summary["adapter"] = str(p)
-        if tc.lora is None or args.merge:
-            d = out / ("merged" if tc.lora is not None else "model")
-            save_hf(d, cfg, trainer.merged_params(), tokenizer=tok)
-            _log(f"HF model written to {d}")
-            summary["model_dir"] = str(d)
-    if args.sample_prompt:
-        after = generate_answers(trainer.merged_params(), cfg, tok, args.sample_prompt,
-                                 args.sample_max_tokens)
-        samples["after"] = after
-        for q, a in zip(args.sample_prompt, after):
-            _log(f"after  | {q!r} -> {a!r}")
-        (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in summary.items()))
-    return 0
+    return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jaxllm finetune")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run_finetune(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jaxllm finetune: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _export(args: argparse.Namespace, tc: TrainConfig, trainer: Trainer, loaded,
+            out: Path) -> dict[str, str]:
+    """Write ``OUT/adapter`` (LoRA) and/or ``OUT/merged`` / ``OUT/model`` (HF directory)."""
+    written = {}
+    if tc.lora is not None:
+        p = lora_lib.save_adapter(out / "adapter", loaded.config, trainer.trained_params(),
+                                  tc.lora, base_model=str(loaded.source))
+        _log(f"adapter written to {p}")
+        written["adapter"] = str(p)
+    if tc.lora is None or args.merge:
+        d = out / ("merged" if tc.lora is not None else "model")
+        save_hf(d, loaded.config, trainer.merged_params(), tokenizer=loaded.tokenizer)
+        _log(f"HF model written to {d}")
+        written["model_dir"] = str(d)
+    return written

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
+
+from jaxllm import hardware
 from jaxllm.config import ModelConfig
 
 
@@ -39,12 +42,6 @@ def peak_flops(compute_dtype: str, override_tflops: float | None = None) -> tupl
     """``(peak FLOP/s, where it came from)`` for the default device."""
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
-    try:
-        import jax
-
-        from jaxllm import hardware
-    except ImportError:
-        return None, "unknown"
     dev = jax.devices()[0]
     dt = "bf16" if "16" in compute_dtype else "f32"
     if dev.platform == "cpu":

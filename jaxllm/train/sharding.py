@@ -21,8 +21,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxllm.config import ModelConfig
-
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 RULES: dict[str, str | None] = {"embed": "fsdp", "vocab": "tensor", "heads": "tensor",

@@ -8,7 +8,10 @@ from typing import Iterable
 
 import numpy as np
 
+from tokenizers import Tokenizer as _T, decoders, models, pre_tokenizers, trainers
+
 from jaxllm.config import ModelConfig
+from jaxllm.tokenizer import Tokenizer
 from jaxllm.train.data import CHATML_TEMPLATE
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -23,11 +26,7 @@ def tiny_config(vocab_size: int = 128, **kw) -> ModelConfig:
 
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 384):
-    """A byte-level BPE (ChatML specials, ChatML template) trained on ``texts`` in ~0.1 s."""
-    from tokenizers import Tokenizer as _T, decoders, models, pre_tokenizers, trainers
-
-    from jaxllm.tokenizer import Tokenizer
-
+    """A byte-level BPE (ChatML specials, ChatML template) trained on ``texts``."""
     tok = _T(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -17,15 +17,18 @@ import dataclasses
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.weights import checkpoint
 from jaxllm.weights._common import param_shapes, resolve_dtype
-
-if TYPE_CHECKING:
-    from jaxllm.tokenizer import Tokenizer
+from jaxllm.weights.gguf import load_gguf, tokenizer_from_gguf
+from jaxllm.weights.gguf_blocks import load_gguf_blocks
+from jaxllm.weights.quantized import is_quantized_checkpoint, load_quantized
+from jaxllm.weights.hf import load_hf, save_hf
 
 __all__ = ["LoadedModel", "load_model", "default_model_path", "DEFAULT_MODEL_NAME",
            "param_shapes", "resolve_dtype", "load_hf", "save_hf", "load_gguf"]
@@ -64,20 +67,22 @@ def default_model_path() -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: Any = "float32",
-               use_cache: bool = True, *, progress: bool | None = None) -> LoadedModel:
-    """Load a ``.gguf`` file or an HF checkpoint directory (``None``: the default model).
+               use_cache: bool = True, *, progress: bool | None = None,
+               gguf_blocks: bool = False) -> LoadedModel:
+    """Load a ``.gguf`` file, an HF checkpoint directory or a quantized checkpoint
+    directory written by ``jaxllm quantize`` (``None``: the default model).
 
     ``dtype``: ``"float32"``, ``"bfloat16"`` (``ml_dtypes.bfloat16`` arrays) or
     ``"float16"``.  ``use_cache``: read/write the orbax cache of converted params.
     ``progress``: force the tqdm bar on/off (default: on for large or slow loads, off
-    with ``JAXLLM_NO_PROGRESS=1``).
+    with ``JAXLLM_NO_PROGRESS=1``).  ``gguf_blocks``: keep a GGUF file's Q8_0 / Q4_0 /
+    Q4_1 weights quantized in their block layout (:mod:`jaxllm.weights.gguf_blocks`; no
+    cache, no float copy).
 
     Raises ``FileNotFoundError`` (missing path, directory without config.json or
     safetensors) and ``ValueError`` (corrupt/truncated/unsupported files), each naming
     the file and what was expected.
     """
-    from jaxllm.weights import checkpoint
-
     src = default_model_path() if path is None else Path(path).expanduser()
     dt = resolve_dtype(dtype)
     if not src.exists():
@@ -87,6 +92,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: Any = "float32",
         ggufs = sorted(src.glob("*.gguf"))
         if len(ggufs) == 1:
             src = ggufs[0]
+    if src.is_dir() and is_quantized_checkpoint(src):  # from `jaxllm quantize`: no float pass
+        cfg, params, tok = load_quantized(src, dt)
+        return LoadedModel(cfg, params, tok, src, dt, from_cache=False)
     is_gguf = src.is_file()
     if is_gguf and src.suffix.lower() != ".gguf":
         with open(src, "rb") as f:
@@ -95,6 +103,12 @@ def load_model(path: str | os.PathLike | None = None, dtype: Any = "float32",
             raise ValueError(f"{src}: expected a .gguf file or an HF checkpoint directory "
                              f"(config.json + model.safetensors), got a file starting with {magic!r}")
 
+    if gguf_blocks:
+        if not is_gguf:
+            raise ValueError(f"quantization='gguf' needs a .gguf file, got {src}")
+        cfg, params, info = load_gguf_blocks(src, dt)
+        return LoadedModel(cfg, params, tokenizer_from_gguf(info) if info.tokens else None,
+                           src, dt, from_cache=False)
     if use_cache:
         hit = checkpoint.load_entry(src, dt)
         if hit is not None:
@@ -104,14 +118,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: Any = "float32",
             return LoadedModel(cfg, params, tok, src, dt, from_cache=True)
 
     if is_gguf:
-        from jaxllm.tokenizer import Tokenizer
-        from jaxllm.weights.gguf import load_gguf
-
         cfg, params, info = load_gguf(src, dt, progress=progress)
-        tok = Tokenizer.from_gguf(info) if info.tokens else None
+        tok = tokenizer_from_gguf(info) if info.tokens else None
     else:
-        from jaxllm.weights.hf import load_hf
-
         cfg, params = load_hf(src, dt, progress=progress)
         tok = _hf_tokenizer(src)
     if use_cache:
@@ -119,17 +128,6 @@ def load_model(path: str | os.PathLike | None = None, dtype: Any = "float32",
     return LoadedModel(cfg, params, tok, src, dt, from_cache=False)
 
 
-def _hf_tokenizer(d: Path):
-    from jaxllm.tokenizer import Tokenizer
-
+def _hf_tokenizer(d: Path) -> Tokenizer | None:
     return Tokenizer.from_hf_dir(d) if (d / "tokenizer.json").is_file() else None
 
-
-def __getattr__(name):  # lazy re-exports keep `import jaxllm.weights` light
-    if name in ("load_hf", "save_hf"):
-        from jaxllm.weights import hf
-        return getattr(hf, name)
-    if name == "load_gguf":
-        from jaxllm.weights import gguf
-        return gguf.load_gguf
-    raise AttributeError(f"module 'jaxllm.weights' has no attribute {name!r}")

@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, freeze_rope_scaling
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.weights._common import param_shapes
 
 __all__ = ["CONVERTER_VERSION", "cache_root", "cache_key", "cache_entry", "save_entry",
            "load_entry", "config_to_dict", "config_from_dict", "save_params", "restore_params"]
@@ -80,8 +82,6 @@ def config_to_dict(cfg: ModelConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> ModelConfig:
-    from jaxllm.config import freeze_rope_scaling
-
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     kw = {k: v for k, v in d.items() if k in fields}
     kw["rope_scaling"] = freeze_rope_scaling(kw.get("rope_scaling"))
@@ -108,8 +108,8 @@ def _quiet_orbax():
 def _checkpointer():
     import orbax.checkpoint as ocp
 
-    # No OCDBT, no zstd: on this 2-core CPU that halves save and restore time for a
-    # cache that lives on local disk (540 MB f32 SmolLM2: ~0.6 s restore vs ~1.5-3.8 s).
+    # No OCDBT, no zstd: faster save and restore for a cache on local disk
+    # (docs/design.md#measurements).
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False))
 
 
@@ -154,8 +154,6 @@ def save_entry(source: str | os.PathLike, dtype, cfg: ModelConfig, params: dict,
                tokenizer=None) -> Path | None:
     """Write a cache entry atomically; returns its path, or None if writing failed
     (a warning is issued; loading goes on without the cache)."""
-    from jaxllm.weights._common import param_shapes
-
     src = Path(source).resolve()
     root = cache_root()
     final = root / cache_key(src, dtype)
@@ -192,8 +190,6 @@ def save_entry(source: str | os.PathLike, dtype, cfg: ModelConfig, params: dict,
 def load_entry(source: str | os.PathLike, dtype) -> tuple[ModelConfig, dict, Any, Path] | None:
     """``(config, params, tokenizer_or_None, entry_path)`` from the cache, or None on a miss.
     A corrupt or partial entry is deleted (and None returned so the caller rebuilds it)."""
-    from jaxllm.weights._common import param_shapes
-
     entry = cache_entry(source, dtype)
     if not entry.is_dir():
         return None
@@ -214,7 +210,6 @@ def load_entry(source: str | os.PathLike, dtype) -> tuple[ModelConfig, dict, Any
             raise ValueError(f"restored arrays differ from the recorded shapes: {bad[:3]}")
         tok = None
         if meta.get("has_tokenizer"):
-            from jaxllm.tokenizer import Tokenizer
             tok = Tokenizer.from_hf_dir(entry / "tokenizer")
         return cfg, params, tok, entry
     except Exception as e:

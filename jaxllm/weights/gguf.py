@@ -1,16 +1,18 @@
-"""GGUF (llama.cpp) files -> ModelConfig + stacked params pytree + tokenizer info.
+"""GGUF (llama.cpp) files -> ModelConfig + stacked params pytree + tokenizer.
 
-The header (metadata + tensor directory) is parsed here directly with ``struct``:
-``gguf.GGUFReader`` builds one numpy memmap view per string and needs ~2.2 s for
-the 49k-token vocabulary of SmolLM2, this parser ~0.1 s.  Tensor payloads are
-read one at a time, dequantized with ``gguf.quants.dequantize`` and cast to the target
-dtype as they are written into the preallocated stacked arrays (peak memory ~ final
-params + one f32 tensor).
+The header (metadata + tensor directory) is parsed here directly with ``struct``, much
+faster than ``gguf.GGUFReader`` for large vocabularies (docs/design.md#measurements).
+Tensor payloads are read one at a time, dequantized with ``gguf.quants.dequantize`` and
+cast to the target dtype as they are written into the preallocated stacked arrays (peak
+memory ~ final params + one f32 tensor).
 
 llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` of the ``llama``
 architecture for its interleaved ("GPT-J" style) RoPE; we undo that so the weights
 follow the HF ``rotate_half`` convention used by ``jaxllm.models`` (same as
 ``transformers``' GGUF loader).  ``qwen2`` GGUFs are not permuted.
+
+:func:`tokenizer_from_gguf` rebuilds the file's vocabulary as a ``tokenizers`` pipeline
+that tokenizes the way llama.cpp does (pre-tokenizer regex chosen by ``tokenizer.ggml.pre``).
 """
 
 from __future__ import annotations
@@ -19,15 +21,21 @@ import dataclasses
 import mmap
 import os
 import struct
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, freeze_rope_scaling
+from jaxllm.tokenizer import Tokenizer, set_post_processor
+from jaxllm.weights._common import (alloc_params, param_shapes, progress_bar, resolve_dtype,
+                                    transpose_into)
 
 __all__ = ["GGUFTokenizerInfo", "GGUFFile", "read_gguf", "read_tensor", "config_from_gguf", "load_gguf",
-           "SUPPORTED_GGUF_ARCHITECTURES"]
+           "tokenizer_from_gguf", "SUPPORTED_GGUF_ARCHITECTURES"]
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -157,6 +165,7 @@ class _Buf:
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Parse the header of a GGUF file (v2/v3, little-endian); validates tensor extents."""
+    # The gguf package loads on first use: start-up from the params cache never needs it.
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
@@ -261,23 +270,7 @@ def config_from_gguf(metadata: Mapping[str, Any], tensor_names: Sequence[str] = 
                          "no tokenizer.ggml.tokens)")
     ctx = int(_arch_key(metadata, arch, "context_length", 2048))
 
-    scaling = None
-    stype = _arch_key(metadata, arch, "rope.scaling.type")
-    if stype and stype != "none":
-        factor = float(_arch_key(metadata, arch, "rope.scaling.factor", 1.0))
-        scaling = {"rope_type": stype, "factor": factor}
-        orig = _arch_key(metadata, arch, "rope.scaling.original_context_length")
-        if orig:
-            scaling["original_max_position_embeddings"] = int(orig)
-        attn_factor = _arch_key(metadata, arch, "rope.scaling.attn_factor")
-        if attn_factor is not None and stype == "yarn":
-            scaling["attention_factor"] = float(attn_factor)
-    elif "rope_freqs.weight" in names:
-        scaling = _llama3_scaling_from_freqs(tensor_reader, head_dim,
-                                             float(_arch_key(metadata, arch, "rope.freq_base", 10000.0)),
-                                             ctx, source)
-    from jaxllm.config import freeze_rope_scaling
-
+    scaling = _rope_scaling(metadata, arch, names, tensor_reader, head_dim, ctx, source)
     eos = metadata.get("tokenizer.ggml.eos_token_id")
     bos = metadata.get("tokenizer.ggml.bos_token_id")
     name = str(metadata.get("general.name", "")).lower()
@@ -304,6 +297,27 @@ def config_from_gguf(metadata: Mapping[str, Any], tensor_names: Sequence[str] = 
         eos_token_ids=() if eos is None else (int(eos),),
         architecture=out_arch,
     )
+
+
+def _rope_scaling(metadata: Mapping[str, Any], arch: str, names: set[str],
+                  tensor_reader: Callable[[str], np.ndarray] | None, head_dim: int, ctx: int,
+                  source: str) -> dict | None:
+    """HF-style ``rope_scaling`` from ``rope.scaling.*`` keys or a ``rope_freqs`` tensor."""
+    stype = _arch_key(metadata, arch, "rope.scaling.type")
+    if stype and stype != "none":
+        factor = float(_arch_key(metadata, arch, "rope.scaling.factor", 1.0))
+        scaling = {"rope_type": stype, "factor": factor}
+        orig = _arch_key(metadata, arch, "rope.scaling.original_context_length")
+        if orig:
+            scaling["original_max_position_embeddings"] = int(orig)
+        attn_factor = _arch_key(metadata, arch, "rope.scaling.attn_factor")
+        if attn_factor is not None and stype == "yarn":
+            scaling["attention_factor"] = float(attn_factor)
+        return scaling
+    if "rope_freqs.weight" in names:
+        theta = float(_arch_key(metadata, arch, "rope.freq_base", 10000.0))
+        return _llama3_scaling_from_freqs(tensor_reader, head_dim, theta, ctx, source)
+    return None
 
 
 def _llama3_scaling_from_freqs(reader, head_dim, theta, ctx, source):
@@ -336,6 +350,7 @@ def _llama3_scaling_from_freqs(reader, head_dim, theta, ctx, source):
 def read_tensor(f, info: GGUFTensorInfo, source: str = "<gguf>") -> np.ndarray:
     """One tensor of an open GGUF file (``f``: binary file object) as float32, numpy (HF)
     orientation, dequantized with ``gguf.quants.dequantize``."""
+    # Loaded on first use, as in read_gguf.
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -383,6 +398,54 @@ _LAYER_TENSORS = {
 }
 
 
+_Job = tuple[str, Callable[[np.ndarray], None], tuple]  # (tensor name, writer, HF-order shape)
+
+
+def _tensor_jobs(cfg: ModelConfig, shapes: dict, params: dict, permuted_rope: bool) -> list[_Job]:
+    """One job per GGUF tensor: its name, a function writing it into ``params``, its shape."""
+    def put_top(key, transpose):
+        def fn(w):
+            if transpose:
+                transpose_into(params[key], w)
+            else:
+                params[key][...] = w
+        return fn
+
+    jobs: list[_Job] = [("token_embd.weight", put_top("embed", False), shapes["embed"]),
+                        ("output_norm.weight", put_top("final_norm", False), shapes["final_norm"])]
+    if not cfg.tie_word_embeddings:
+        jobs.append(("output.weight", put_top("lm_head", True), shapes["lm_head"][::-1]))
+    for i in range(cfg.num_layers):
+        for suffix, (key, is_mat, perm) in _LAYER_TENSORS.items():
+            if key not in shapes["layers"]:
+                continue
+            full = shapes["layers"][key][1:]
+            hf_shape = full[::-1] if is_mat else full
+
+            def fn(w, key=key, i=i, is_mat=is_mat, perm=perm):
+                if perm and permuted_rope:
+                    w = _unpermute_rope(w, cfg.num_heads if perm == "q" else cfg.num_kv_heads)
+                if is_mat:
+                    transpose_into(params["layers"][key][i], w)
+                else:
+                    params["layers"][key][i] = w
+            jobs.append((f"blk.{i}.{suffix}", fn, hf_shape))
+    return jobs
+
+
+def _check_tensor_names(gf: GGUFFile, wanted: list[str], arch: str, src: str) -> None:
+    """Every tensor the model needs is in the file, and the file has nothing else."""
+    missing = [name for name in wanted if name not in gf.tensors]
+    if missing:
+        raise ValueError(f"{src}: GGUF file lacks tensors expected for a {arch} model: "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unknown = sorted({n.split(".", 2)[-1] if n.startswith("blk.") else n for n in gf.tensors}
+                     - {"token_embd.weight", "output_norm.weight", "output.weight",
+                        "rope_freqs.weight"} - set(_LAYER_TENSORS))
+    if unknown:
+        raise ValueError(f"{src}: GGUF file has tensors this loader does not understand: {unknown}")
+
+
 def load_gguf(path: str | os.PathLike, dtype=np.float32, *, progress: bool | None = None,
               ) -> tuple[ModelConfig, dict, GGUFTokenizerInfo]:
     """Load a llama/qwen2 GGUF file into ``(config, params, tokenizer_info)``.
@@ -392,9 +455,6 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, *, progress: bool | Non
     file and ``ValueError`` (naming the file) for a corrupt/truncated file, an unsupported
     architecture or quantization type, or missing/misshapen tensors.
     """
-    from jaxllm.weights._common import (alloc_params, param_shapes, progress_bar, resolve_dtype,
-                                        transpose_into)
-
     dtype = resolve_dtype(dtype)
     path = Path(path)
     gf = read_gguf(path)
@@ -411,46 +471,8 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, *, progress: bool | Non
         cfg = config_from_gguf(md, gf.tensors.keys(), source=src, tensor_reader=read)
         shapes = param_shapes(cfg)
         params = alloc_params(shapes, dtype)
-        tie = cfg.tie_word_embeddings
-        jobs: list[tuple[str, Callable[[np.ndarray], None], tuple]] = []
-
-        def put_top(key, transpose):
-            def fn(w):
-                if transpose:
-                    transpose_into(params[key], w)
-                else:
-                    params[key][...] = w
-            return fn
-
-        jobs.append(("token_embd.weight", put_top("embed", False), shapes["embed"]))
-        jobs.append(("output_norm.weight", put_top("final_norm", False), shapes["final_norm"]))
-        if not tie:
-            jobs.append(("output.weight", put_top("lm_head", True), shapes["lm_head"][::-1]))
-        for i in range(cfg.num_layers):
-            for suffix, (key, is_mat, perm) in _LAYER_TENSORS.items():
-                if key not in shapes["layers"]:
-                    continue
-                full = shapes["layers"][key][1:]
-                hf_shape = full[::-1] if is_mat else full
-
-                def fn(w, key=key, i=i, is_mat=is_mat, perm=perm):
-                    if perm and arch == "llama":
-                        w = _unpermute_rope(w, cfg.num_heads if perm == "q" else cfg.num_kv_heads)
-                    if is_mat:
-                        transpose_into(params["layers"][key][i], w)
-                    else:
-                        params["layers"][key][i] = w
-                jobs.append((f"blk.{i}.{suffix}", fn, hf_shape))
-
-        missing = [name for name, _, _ in jobs if name not in gf.tensors]
-        if missing:
-            raise ValueError(f"{src}: GGUF file lacks tensors expected for a {arch} model: "
-                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        unknown = sorted({n.split(".", 2)[-1] if n.startswith("blk.") else n for n in gf.tensors}
-                         - {"token_embd.weight", "output_norm.weight", "output.weight",
-                            "rope_freqs.weight"} - set(_LAYER_TENSORS))
-        if unknown:
-            raise ValueError(f"{src}: GGUF file has tensors this loader does not understand: {unknown}")
+        jobs = _tensor_jobs(cfg, shapes, params, permuted_rope=arch == "llama")
+        _check_tensor_names(gf, [name for name, _, _ in jobs], arch, src)
         total = sum(gf.tensors[n].nbytes for n, _, _ in jobs)
         with progress_bar(total, f"Loading {path.name}", enabled=progress,
                           large=gf.file_size > 200 * 2**20) as bar:
@@ -462,3 +484,155 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, *, progress: bool | Non
                 fn(read(name))
                 bar.update(info.nbytes)
     return cfg, params, GGUFTokenizerInfo.from_metadata(md)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+# llama.cpp pre-tokenizer regexes, by `tokenizer.ggml.pre` (llama-vocab.cpp).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx",
+                     "smaug-bpe", "lfm2"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _QWEN2_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O_SPLIT),
+}
+# GPT-2 regex after splitting every digit on its own (starcoder family, SmolLM).
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (as in ``transformers``)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tokenizer_from_gguf(info: GGUFTokenizerInfo | str | os.PathLike) -> Tokenizer:
+    """A :class:`~jaxllm.tokenizer.Tokenizer` from GGUF tokenizer metadata (or a ``.gguf`` path).
+
+    ``gpt2`` (byte-level BPE) and ``llama`` (SentencePiece BPE) vocabularies are rebuilt as
+    ``tokenizers`` pipelines that tokenize the way llama.cpp does.
+    """
+    if isinstance(info, (str, os.PathLike)):
+        info = GGUFTokenizerInfo.from_metadata(read_gguf(info).metadata)
+    tokens = list(info.tokens)
+    if not tokens:
+        raise ValueError("GGUF file has no tokenizer.ggml.tokens")
+
+    def tok(i):
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    if info.model == "gpt2":
+        backend = _gguf_byte_level(info)
+        add_bos = bool(info.add_bos_token)
+    elif info.model == "llama":
+        backend = _gguf_sentencepiece(info)
+        add_bos = True if info.add_bos_token is None else bool(info.add_bos_token)
+    else:
+        raise ValueError(f"GGUF tokenizer model {info.model!r} is not supported "
+                         "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
+    _add_gguf_special_tokens(backend, info)
+    set_post_processor(backend, tok(info.bos_token_id) if add_bos else None,
+                       tok(info.eos_token_id) if info.add_eos_token else None)
+    return Tokenizer(backend, chat_template=info.chat_template, bos_token=tok(info.bos_token_id),
+                     eos_token=tok(info.eos_token_id), unk_token=tok(info.unk_token_id),
+                     pad_token=tok(info.pad_token_id), source="gguf")
+
+
+def _gguf_byte_level(info: GGUFTokenizerInfo) -> Backend:
+    """Byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM) with llama.cpp's pre-tokenizer regex."""
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for i, t in enumerate(info.tokens):
+        # llama.cpp writes a few control tokens in plain UTF-8; respell them like HF does.
+        key = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
+        vocab[key] = i
+    # No merges (some synthetic/test files): every token is then matched whole or not at all.
+    merges = [tuple(m.split(" ", 1)) for m in (info.merges or ())]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                  end_of_word_suffix="", fuse_unk=False))
+    pre = info.pre or "default"
+    if pre in _PRE_SPLITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in _DIGITS_THEN_GPT2:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:  # "gpt2", "default", and unknown families: GPT-2's own regex
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _gguf_sentencepiece(info: GGUFTokenizerInfo) -> Backend:
+    """SentencePiece BPE (Llama 2, Mistral v0.1, TinyLlama ...) as ``tokenizers`` rebuilds it."""
+    tokens = list(info.tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if info.merges:
+        merges = [tuple(m.split(" ", 1)) for m in info.merges]
+    else:
+        scores = info.scores or tuple(-float(i) for i in range(len(tokens)))
+        merges = _merges_from_scores(vocab, dict(zip(tokens, scores)))
+    unk = tokens[info.unk_token_id] if info.unk_token_id is not None else None
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                  byte_fallback=True, dropout=None))
+    prefix = True if info.add_space_prefix is None else bool(info.add_space_prefix)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+    seq = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        seq.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(seq)
+    return backend
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """SentencePiece vocab + scores -> BPE merges (best score first), as HF derives them."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _add_gguf_special_tokens(backend: Backend, info: GGUFTokenizerInfo) -> None:
+    """Control tokens become special added tokens, user-defined ones plain added tokens."""
+    types = info.token_type or ()
+    byte_level = info.model == "gpt2"
+    alphabet = set(_bytes_to_unicode().values()) if byte_level else None
+    control = [AddedToken(t, normalized=False, special=True)
+               for t, ty in zip(info.tokens, types)
+               if ty == 3 and (alphabet is None or set(t) <= alphabet)]  # 3 = CONTROL
+    if control:
+        backend.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(info.tokens, types) if ty == 4]  # 4 = USER_DEFINED
+    if user:
+        backend.add_tokens(user)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxllm.config import ModelConfig
 from jaxllm.weights._common import (alloc_params, param_shapes, progress_bar, resolve_dtype,
@@ -110,8 +112,6 @@ def find_safetensors(path: str | os.PathLike) -> list[Path]:
 
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Any]]:
     """Yield ``(file, name, lazy_getter)``; wraps safetensors errors with the file name."""
-    from safetensors import safe_open
-
     for f in files:
         try:
             handle = safe_open(str(f), framework="np")
@@ -145,36 +145,18 @@ def load_hf(path: str | os.PathLike, dtype=np.float32, *, progress: bool | None 
     total = sum(f.stat().st_size for f in files)
     with progress_bar(total, f"Loading {d.name}", enabled=progress, large=total > 200 * 2**20) as bar:
         for f, name, get in _iter_tensors(files):
-            m = _LAYER_RE.match(name)
-            if m:
-                i, suffix = int(m.group(1)), m.group(2)
-                if suffix not in _LAYER_MAP:
-                    if _IGNORED.match(name):
-                        continue
-                    raise ValueError(f"{f}: tensor {name!r} is not part of a "
-                                     f"{cfg.architecture} model as jaxllm implements it")
-                key, transpose = _LAYER_MAP[suffix]
-                if key not in shapes["layers"]:
-                    raise ValueError(f"{f}: has {name!r} but config.json says attention_bias="
-                                     f"{cfg.attention_bias}")
-                if i >= cfg.num_layers:
-                    raise ValueError(f"{f}: tensor {name!r} beyond num_hidden_layers={cfg.num_layers}")
-                dst, want = params["layers"][key], shapes["layers"][key][1:]
-                idx: Any = i
-            elif name in _TOP_MAP:
-                key, transpose = _TOP_MAP[name]
-                if key == "lm_head" and cfg.tie_word_embeddings:
-                    continue  # tied: the embedding is the head
-                dst, want, idx, i = params[key], shapes[key], ..., -1
-            elif _IGNORED.match(name):
+            target = _target(f, name, cfg, shapes)
+            if target is None:
                 continue
-            else:
-                raise ValueError(f"{f}: unexpected tensor {name!r} for a {cfg.architecture} model")
+            key, i, transpose = target
+            dst, want = (params["layers"][key], shapes["layers"][key][1:]) if i >= 0 else (
+                params[key], shapes[key])
             w = get()
             got = tuple(w.shape[::-1]) if transpose else tuple(w.shape)
             if got != tuple(want):
                 raise ValueError(f"{f}: tensor {name!r} has shape {tuple(w.shape)}, expected "
                                  f"{tuple(want[::-1]) if transpose else tuple(want)} from config.json")
+            idx: Any = i if i >= 0 else ...
             if transpose:
                 transpose_into(dst[idx], w)
             else:
@@ -182,6 +164,41 @@ def load_hf(path: str | os.PathLike, dtype=np.float32, *, progress: bool | None 
             filled.add((key, i))
             bar.update(w.nbytes)
             del w
+    _check_complete(d, files, cfg, shapes, filled)
+    return cfg, params
+
+
+def _target(f: Path, name: str, cfg: ModelConfig,
+            shapes: dict) -> tuple[str, int, bool] | None:
+    """Where a checkpoint tensor goes: ``(params key, layer or -1, transpose)``; None to skip."""
+    m = _LAYER_RE.match(name)
+    if m:
+        i, suffix = int(m.group(1)), m.group(2)
+        if suffix not in _LAYER_MAP:
+            if _IGNORED.match(name):
+                return None
+            raise ValueError(f"{f}: tensor {name!r} is not part of a "
+                             f"{cfg.architecture} model as jaxllm implements it")
+        key, transpose = _LAYER_MAP[suffix]
+        if key not in shapes["layers"]:
+            raise ValueError(f"{f}: has {name!r} but config.json says attention_bias="
+                             f"{cfg.attention_bias}")
+        if i >= cfg.num_layers:
+            raise ValueError(f"{f}: tensor {name!r} beyond num_hidden_layers={cfg.num_layers}")
+        return key, i, transpose
+    if name in _TOP_MAP:
+        key, transpose = _TOP_MAP[name]
+        if key == "lm_head" and cfg.tie_word_embeddings:
+            return None  # tied: the embedding is the head
+        return key, -1, transpose
+    if _IGNORED.match(name):
+        return None
+    raise ValueError(f"{f}: unexpected tensor {name!r} for a {cfg.architecture} model")
+
+
+def _check_complete(d: Path, files: list[Path], cfg: ModelConfig, shapes: dict,
+                    filled: set[tuple[str, int]]) -> None:
+    """Raise naming the tensors the checkpoint lacks."""
     missing = []
     for key, shape in shapes.items():
         if key == "layers":
@@ -196,7 +213,6 @@ def load_hf(path: str | os.PathLike, dtype=np.float32, *, progress: bool | None 
         raise ValueError(f"{d}: checkpoint lacks {len(missing)} tensor(s): "
                          f"{missing[:6]}{' ...' if len(missing) > 6 else ''}{extra}; "
                          f"read {[f.name for f in files]}")
-    return cfg, params
 
 
 def _hf_suffix(key: str) -> str:
@@ -226,32 +242,12 @@ def _hf_tensors(cfg: ModelConfig, params: dict) -> list[tuple[str, Any]]:
     return out
 
 
-def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: dict,
-            tokenizer_dir: str | os.PathLike | None = None, *, tokenizer=None,
-            max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write an HF checkpoint directory that ``transformers`` loads.
-
-    ``config.json`` (``cfg.to_hf()``), ``generation_config.json`` (bos/eos),
-    ``model.safetensors`` (or shards + index above ``max_shard_bytes``) with HF names
-    and ``[out, in]`` matmuls, in the params' own dtype.  ``tokenizer_dir``: copy the HF
-    tokenizer files found there; ``tokenizer``: a :class:`jaxllm.tokenizer.Tokenizer` to
-    save instead.  ``params["layers"]`` may be stacked or a list of per-layer dicts;
-    jax arrays are fetched to host.
-    """
-    from safetensors.numpy import save_file
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    entries = _hf_tensors(cfg, params)
-    dtype_name = np.asarray(params["final_norm"]).dtype.name
-
-    def nbytes(thunk):
-        return np.asarray(thunk()).nbytes  # views; cheap
-
+def _write_shards(out: Path, entries: list[tuple[str, Any]], max_shard_bytes: int) -> None:
+    """``model.safetensors``, or shards of at most ``max_shard_bytes`` plus their index."""
     plan: list[list[tuple[str, Any]]] = [[]]
     size = 0
     for name, thunk in entries:
-        n = nbytes(thunk)
+        n = np.asarray(thunk()).nbytes  # views; cheap
         if plan[-1] and size + n > max_shard_bytes:
             plan.append([])
             size = 0
@@ -272,6 +268,26 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: dict,
     if len(plan) > 1:
         (out / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: dict,
+            tokenizer_dir: str | os.PathLike | None = None, *, tokenizer=None,
+            max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write an HF checkpoint directory that ``transformers`` loads.
+
+    ``config.json`` (``cfg.to_hf()``), ``generation_config.json`` (bos/eos),
+    ``model.safetensors`` (or shards + index above ``max_shard_bytes``) with HF names
+    and ``[out, in]`` matmuls, in the params' own dtype.  ``tokenizer_dir``: copy the HF
+    tokenizer files found there; ``tokenizer``: a :class:`jaxllm.tokenizer.Tokenizer` to
+    save instead.  ``params["layers"]`` may be stacked or a list of per-layer dicts;
+    jax arrays are fetched to host.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = _hf_tensors(cfg, params)
+    dtype_name = np.asarray(params["final_norm"]).dtype.name
+
+    _write_shards(out, entries, max_shard_bytes)
 
     hf_cfg = cfg.to_hf()
     hf_cfg["dtype"] = hf_cfg["torch_dtype"] = dtype_name
