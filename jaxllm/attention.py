@@ -86,8 +86,8 @@ def _attention_xla(q, k, v, causal, segment_ids, kv_segment_ids, sliding_window,
     """Blocked over queries: each block of queries attends only to the keys the causal
     mask / sliding window can let it see, so the masked-out half of a causal score
     matrix is never computed.  Heads lead (``[B,Hkv,G,T,D] @ [B,Hkv,1,D,S]``) so both
-    products are plain batched matmuls (T=512, SmolLM2 heads, CPU: 15.3 ms -> 3.9 ms per
-    layer vs one full-matrix einsum)."""
+    products are plain batched matmuls (~4x faster on XLA:CPU than one full-matrix
+    einsum; docs/kernels.md)."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -145,8 +145,8 @@ def cached_attention(
     """Attention of new tokens over a contiguous (dense) KV cache.
 
     ``q [B,T,Hq,D]``; ``k_cache [B,Hkv,D,S]`` (keys stored transposed so the
-    score product is a plain batched matmul, which XLA:CPU runs ~1.5x faster than
-    the einsum over ``[B,S,Hkv,D]``); ``v_cache [B,Hkv,S,D]``.  The cache may hold more
+    score product is a plain batched matmul, which XLA:CPU runs faster than the einsum
+    over ``[B,S,Hkv,D]``); ``v_cache [B,Hkv,S,D]``.  The cache may hold more
     rows than ``q`` (spare rows are ignored).  Query ``t`` sits
     at cache slot ``q_slot + t`` (shared by the batch: prompts are left-padded);
     row ``b``'s valid slots start at ``kv_start[b]``.  Used by the static-batch
@@ -157,8 +157,8 @@ def cached_attention(
     g = hq // hkv
     sm_scale = d ** -0.5 if sm_scale is None else sm_scale
     if k_cache.shape[0] > b:  # spare cache rows (generation.empty_caches): not read
-        k_cache, v_cache = k_cache[:b], v_cache[:b]  # (batch 1: ~6% faster decode than
-        # padding q to the cache's rows, which reads the spare row's cache too)
+        k_cache, v_cache = k_cache[:b], v_cache[:b]  # (cheaper than padding q to the
+        # cache's rows, which would read the spare row's cache too)
     # [B,T,Hkv,G,D] -> [B,Hkv,T*G,D]
     qh = q.astype(jnp.float32).reshape(b, t, hkv, g, d).transpose(0, 2, 1, 3, 4)
     qh = qh.reshape(b, hkv, t * g, d)
@@ -187,6 +187,40 @@ def cached_attention(
 # =====================================================================================
 
 
+def kv_storage_dtype(dtype, impl: Impl = "auto") -> jnp.dtype:
+    """The array dtype a page pool of ``dtype`` is kept in.
+
+    XLA:CPU has no bfloat16 scatter: it converts the whole operand to float32, scatters
+    and converts back, so every K/V write would cost the pool's size.  On the XLA path on
+    CPU a bfloat16 pool therefore holds its values' bits as uint16 (an integer scatter
+    updates it in place) and the attention reads widen the gathered pages only.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.int8 and resolve_impl(impl) == "pallas":
+        raise ValueError("kv_cache_dtype='int8' needs attention_impl='xla' (the Pallas ragged "
+                         "kernel reads float pools)")
+    on_cpu_xla = jax.default_backend() == "cpu" and resolve_impl(impl) == "xla"
+    if on_cpu_xla and dtype == jnp.float16:
+        raise ValueError("kv_cache_dtype='float16' is not supported on XLA:CPU (no float16 "
+                         "scatter: every write would convert the whole pool); use "
+                         "'bfloat16' or 'float32'")
+    return jnp.dtype(jnp.uint16) if on_cpu_xla and dtype == jnp.bfloat16 else dtype
+
+
+def _widen(x: jax.Array) -> jax.Array:
+    """Gathered pool values as float32 (a uint16 pool holds bfloat16 bits)."""
+    if x.dtype == jnp.uint16:
+        x = lax.bitcast_convert_type(x, jnp.bfloat16)
+    return x.astype(jnp.float32)
+
+
+def _set_rows(pages: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+    """``pages`` with ``rows`` written at ``idx`` (axis 0; out-of-range idx: dropped)."""
+    if pages.dtype == jnp.uint16:
+        rows = lax.bitcast_convert_type(rows.astype(jnp.bfloat16), jnp.uint16)
+    return pages.at[idx].set(rows.astype(pages.dtype), mode="drop")
+
+
 def write_kv_pages(
     k_pages: jax.Array,
     v_pages: jax.Array,
@@ -195,12 +229,16 @@ def write_kv_pages(
     slot_mapping: jax.Array,
     *,
     impl: Impl = "auto",
-) -> tuple[jax.Array, jax.Array]:
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
     """Write new tokens' ``k, v [N,Hkv,D]`` into the page pools at ``slot_mapping [N]``.
 
     ``slot < 0`` marks padding tokens (skipped).  Both impls use one XLA scatter per pool
     (in place when the pools are donated / carried through the jitted step): it moves only
     ``N*Hkv*D`` elements, so a kernel would not beat it (see docs/kernels.md for timings).
+    int8 pools come with their per-token scales ``k_scales, v_scales [P, page_size, Hkv]``
+    (:func:`quantize_kv`); the result is then ``(k_pages, v_pages, k_scales, v_scales)``.
     """
     resolve_impl(impl)  # validate
     num_pages, page = k_pages.shape[:2]
@@ -208,12 +246,32 @@ def write_kv_pages(
     # Negative indices would wrap around in .at[]: send them out of range so mode="drop"
     # skips them.
     slot = jnp.where(slot < 0, num_pages * page, slot)
-    flat_k = k_pages.reshape(num_pages * page, *k_pages.shape[2:])
-    flat_v = v_pages.reshape(num_pages * page, *v_pages.shape[2:])
-    flat_k = flat_k.at[slot].set(k.astype(k_pages.dtype), mode="drop",
-                                 unique_indices=False)
-    flat_v = flat_v.at[slot].set(v.astype(v_pages.dtype), mode="drop")
-    return flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)
+
+    def put(pages, rows):
+        flat = pages.reshape(num_pages * page, *pages.shape[2:])
+        return _set_rows(flat, slot, rows).reshape(pages.shape)
+
+    if k_scales is None:
+        return put(k_pages, k), put(v_pages, v)
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    return put(k_pages, kq), put(v_pages, vq), put(k_scales, ks), put(v_scales, vs)
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 per token and head: ``x [..., D]`` -> ``(int8 [..., D], scale [...])``
+    with ``x ~= q * scale`` (scale = max|x| / 127; an all-zero row gets scale 0)."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    q = jnp.round(x / jnp.where(scale > 0, scale, 1.0)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def copy_kv_pages(pages: jax.Array, src: jax.Array, dst: jax.Array, *,
+                  axis: int = 0) -> jax.Array:
+    """Copy-on-write: pool pages ``src [C]`` copied to ``dst [C]`` along the page ``axis``
+    (in place when the pool is donated).  Pairs with ``src == dst`` are no-ops (padding)."""
+    at = (slice(None),) * axis + (dst,)
+    return pages.at[at].set(jnp.take(pages, src, axis=axis))
 
 
 def paged_decode_attention(
@@ -229,11 +287,15 @@ def paged_decode_attention(
     k_scales: jax.Array | None = None,
     v_scales: jax.Array | None = None,
     impl: Impl = "auto",
+    row_groups: int = 1,
 ) -> jax.Array:
     """Decode attention: one query per sequence ``q [B,Hq,D]`` at position ``lengths-1``.
 
     ``block_tables [B, max_pages]``, ``lengths [B]`` (0 -> output zeros).  Optional int8
     pools with per-token scales ``k_scales, v_scales [P, page_size, Hkv]`` (float32).
+    ``row_groups``: the rows are sorted by length and ``B`` divides into that many equal
+    groups; the XLA path, whose cost is rows x the longest length, attends each group on
+    its own (the kernels follow each row's own length anyway).
     """
     impl = resolve_impl(impl)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
@@ -243,7 +305,23 @@ def paged_decode_attention(
         return kernel(q, k_pages, v_pages, block_tables, lengths, sm_scale=sm_scale,
                       soft_cap=soft_cap, sliding_window=sliding_window, k_scales=k_scales,
                       v_scales=v_scales, interpret=jax.default_backend() == "cpu")
+    import cpu_kernels
+
+    if cpu_kernels.active():
+        # The C++ kernel beat the XLA path below at every decode shape measured (1-64
+        # rows, contexts up to 2048, f32 / bf16 / int8 pools): no shape threshold.
+        return cpu_kernels.paged_decode_attention(
+            q, k_pages, v_pages, block_tables, lengths, sm_scale=sm_scale,
+            soft_cap=soft_cap, sliding_window=sliding_window, k_scales=k_scales,
+            v_scales=v_scales)
     b = q.shape[0]
+    if row_groups > 1:
+        m = b // row_groups
+        return jnp.concatenate([paged_decode_attention(
+            q[j * m:(j + 1) * m], k_pages, v_pages, block_tables[j * m:(j + 1) * m],
+            lengths[j * m:(j + 1) * m], sm_scale=sm_scale, soft_cap=soft_cap,
+            sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales, impl=impl)
+            for j in range(row_groups)])
     if b == 1:
         # XLA:CPU miscompiles the skinny path when there is a single query block (wrong
         # values under jit, right without it): run two rows, the second empty.
@@ -274,6 +352,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     impl: Impl = "auto",
     block_q: int | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
 ) -> jax.Array:
     """Mixed prefill-chunk + decode attention over paged K/V for a flat token batch.
 
@@ -284,11 +364,15 @@ def ragged_paged_attention(
     sequences with ``q_len == 0`` (padding) produce zeros / cost nothing.
 
     ``block_q`` (XLA path): query tokens per block; default from a cost model of the
-    static shapes (1 for decode-like batches, larger for prefill chunks).
+    static shapes (1 for decode-like batches, larger for prefill chunks).  int8 pools
+    with ``k_scales, v_scales [P, page_size, Hkv]``: XLA path only.
     """
     impl = resolve_impl(impl)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     if impl == "pallas":
+        if k_scales is not None:
+            raise NotImplementedError("the Pallas ragged kernel reads float pools; an int8 "
+                                      "KV cache needs attention_impl='xla'")
         from pallas_kernels.ragged_attention import ragged_paged_attention as kernel
 
         return kernel(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, sm_scale=sm_scale,
@@ -301,15 +385,16 @@ def ragged_paged_attention(
         return ragged_paged_attention(
             jnp.concatenate([q, jnp.zeros_like(q)]), k_pages, v_pages, block_tables,
             cu_q_lens, kv_lens, sm_scale=sm_scale, soft_cap=soft_cap,
-            sliding_window=sliding_window, impl=impl, block_q=block_q)[:1]
+            sliding_window=sliding_window, impl=impl, block_q=block_q, k_scales=k_scales,
+            v_scales=v_scales)[:1]
     bq = block_q or _ragged_block_q(n, num_seqs, q.shape[1] // k_pages.shape[2])
     if ragged_num_blocks(n, num_seqs, bq) == 1:
         # XLA:CPU miscompiles the path when it has a single query block (wrong values
         # under jit, right without it): always run at least two.
         bq = max(1, n // 2)
-    return _ragged_xla(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens,
-                       sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-                       block_q=bq)
+    return _ragged_xla(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, k_scales,
+                       v_scales, sm_scale=sm_scale, soft_cap=soft_cap,
+                       sliding_window=sliding_window, block_q=bq)
 
 
 # --------------------------------------------------------------------- XLA paged paths
@@ -349,7 +434,7 @@ def _paged_xla(qb, k_pages, v_pages, bt_blk, kv_len_blk, q_pos, row_valid, *, sm
 
     Two forms of the chunk step (measured on XLA:CPU): blocks with few query rows
     (decode: G rows) use a fused gather -> multiply -> reduce over the natural page layout
-    (K/V read once, no transposes; ~1.5-2x faster than batched matmuls with N=G);
+    (K/V read once, no transposes; faster than batched matmuls with N=G);
     larger blocks gather ``[n, Hkv, C, D]`` and use ``matmul(K, q^T)``.
     """
     nb, bq, hq, d = qb.shape
@@ -378,7 +463,7 @@ def _paged_xla(qb, k_pages, v_pages, bt_blk, kv_len_blk, q_pos, row_valid, *, sm
     vs2 = None if v_scales is None else v_scales.reshape(num_pages, page * hkv)
 
     def gather(pool2, scales2, ids):
-        x = pool2[ids].reshape(nb, ct, hkv, d).astype(jnp.float32)
+        x = _widen(pool2[ids].reshape(nb, ct, hkv, d))
         if scales2 is not None:
             x = x * scales2[ids].reshape(nb, ct, hkv, 1).astype(jnp.float32)
         return x[:, :, :, None, :] if skinny else x.transpose(0, 2, 1, 3)
@@ -439,8 +524,8 @@ def _ragged_block_q(n: int, num_seqs: int, g: int) -> int:
 
 @functools.partial(jax.jit,
                    static_argnames=("sm_scale", "soft_cap", "sliding_window", "block_q"))
-def _ragged_xla(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, *, sm_scale, soft_cap,
-                sliding_window, block_q=None):
+def _ragged_xla(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, k_scales=None,
+                v_scales=None, *, sm_scale, soft_cap, sliding_window, block_q=None):
     from pallas_kernels._common import ragged_block_metadata
 
     n, hq, d = q.shape
@@ -458,7 +543,8 @@ def _ragged_xla(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, *, sm_sca
     row_valid = r[None, :] < q_cnt[:, None]
     ob = _paged_xla(q[tok], k_pages, v_pages, block_tables[seq], kv_lens[seq], q_pos,
                     row_valid, sm_scale=sm_scale, soft_cap=soft_cap,
-                    sliding_window=sliding_window)  # [nb, bq, Hq, D]
+                    sliding_window=sliding_window, k_scales=k_scales,
+                    v_scales=v_scales)  # [nb, bq, Hq, D]
     # Back to the flat token order: token t of sequence s is row (t - cu[s]) % bq of block
     # first_block[s] + (t - cu[s]) // bq.
     nblk = (jnp.maximum(cu[1:] - cu[:-1], 0) + bq - 1) // bq

@@ -154,7 +154,7 @@ def prefill(params, tokens, kv_start, max_tokens, min_tokens, stop_ids, sampling
     positions = jnp.maximum(idx - kv_start[:, None], 0)
     segment_ids = (idx >= kv_start[:, None]).astype(jnp.int32)  # padding is segment 0
 
-    def attend(rows, q, k, v, cache):
+    def attend(rows, q, k, v, cache, layer=None):  # layer: unused, the cache is per layer
         out = attention(q, k, v, causal=True, segment_ids=rows["segment_ids"],
                         sliding_window=cfg.sliding_window, impl=impl)
         return out, _write_cache(cache, k, v, 0)
@@ -190,7 +190,7 @@ def decode_logits(params, cfg: ModelConfig, state: DecodeState, model: Any = Non
     slot = state.slot
     positions = (slot - state.kv_start)[:, None]
 
-    def attend(rows, q, k, v, cache):
+    def attend(rows, q, k, v, cache, layer=None):  # layer: unused, the cache is per layer
         cache = _write_cache(cache, k, v, slot)
         out = cached_attention(q, *cache, q_slot=slot, kv_start=rows["kv_start"],
                                sliding_window=cfg.sliding_window)
@@ -203,8 +203,9 @@ def decode_logits(params, cfg: ModelConfig, state: DecodeState, model: Any = Non
     return _lm_head(model, params, cfg, hidden[:, -1]), caches
 
 
-def _decode_step(params, cfg: ModelConfig, state: DecodeState, flags: SamplerFlags,
-                 model: Any = None) -> DecodeState:
+def decode_step(params, cfg: ModelConfig, state: DecodeState, flags: SamplerFlags,
+                model: Any = None) -> DecodeState:
+    """One token for every row: the body of :func:`decode`'s loop."""
     vm = _vocab_major(flags, state.last_token.shape[0], model)
     logits, caches = decode_logits(params, cfg, state, model, vm)
     state = state.replace(caches=caches, slot=state.slot + 1)
@@ -224,7 +225,7 @@ def decode(params, state: DecodeState, num_steps, *, cfg: ModelConfig,
     def body(carry):
         st, i = carry
         with jax.named_scope("decode_step"):
-            return _decode_step(params, cfg, st, flags, model), i + 1
+            return decode_step(params, cfg, st, flags, model), i + 1
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.asarray(0, jnp.int32)))
     return state

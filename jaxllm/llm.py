@@ -12,13 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import sharding
 from jaxllm.attention import resolve_impl
 from jaxllm.compilation import enable_compilation_cache
+from jaxllm.engine.config import EngineConfig
+from jaxllm.engine.data_parallel import DataParallelEngine
+from jaxllm.engine.engine import LLMEngine
 from jaxllm.generation import StaticBatch, bucket
 from jaxllm.models import llama
 from jaxllm.outputs import RequestOutput, TextTracker
+from jaxllm.quant import QuantConfig, quantize_params
 from jaxllm.sampling import SamplingParams, per_prompt
 from jaxllm.tokenizer import encode_prompt
+from jaxllm.train.lora import load_lora  # adapter I/O only: no optimizer, no training loop
 from jaxllm.weights import load_model
 
 Prompt = Union[str, Sequence[int]]
@@ -38,112 +44,100 @@ class LLM:
         scan_layers: run layers under ``lax.scan`` (flat compile time) instead of
             unrolled (faster on XLA:CPU).  Default: unrolled.
         max_model_len: context limit (prompt + output); defaults to the model's.
-        max_batch_size: prompts per padded batch (static batching only).
         seed: seeds the random seeds of requests that do not set ``seed``.
         compilation_cache: enable JAX's persistent compilation cache.
-
-    Engine arguments (vLLM's names; see ``jaxllm.engine.EngineConfig`` and docs/engine.md):
-        page_size: tokens per KV page (power of two).
-        num_pages: KV pages in the pool; None sizes it from ``memory_utilization``.
-        memory_utilization: fraction of device memory for the KV pool (CPU: of RAM,
-            capped by ``$JAXLLM_CPU_KVCACHE_SPACE`` GiB, default 4).
-        kv_cache_dtype: KV pool dtype; None: the weights' dtype.
-        max_num_seqs: sequences per engine step.
-        max_num_batched_tokens: tokens per engine step.
-        enable_prefix_caching: reuse computed prompt pages across requests.
-        enable_chunked_prefill: split long prompts over several steps.
-        num_scheduler_steps: decode tokens per dispatch when no request needs the host.
         static_batching: run ``generate``/``stream`` on the static-batch baseline
             (``jaxllm.generation``) instead of the paged continuous-batching engine.
         lora: a LoRA adapter directory (PEFT layout, e.g. from ``jaxllm finetune --lora``),
             merged into the weights at load.
-
-    Parallelism (``sharding/``, docs/parallelism.md):
         tp, pp, dp: tensor-parallel degree, pipeline stages, data-parallel replicas over
-            ``jax.devices()`` (all processes' devices after ``jax.distributed.initialize``).
-            The engine runs on the mesh: one engine with its page pool sharded over
-            ``tensor`` / ``pipeline``, one such replica per ``data`` index
-            (``jaxllm.engine.data_parallel``).  A multi-process job runs the static
+            ``jax.devices()`` (all processes' devices after ``jax.distributed.initialize``;
+            docs/parallelism.md).  The engine runs on the mesh: one engine with its page
+            pool sharded over ``tensor`` / ``pipeline``, one such replica per ``data``
+            index (``jaxllm.engine.data_parallel``).  A multi-process job runs the static
             batch over the whole mesh instead.
         microbatches: pipeline microbatches per forward (default: pp).
+        max_batch_size: prompts per padded batch (static batching only).
+        quantization: weight quantization applied at load (docs/quantization.md):
+            ``"int8"`` (symmetric, per output channel), ``"int4"`` / ``"int4-g32"`` /
+            ``"int4-g64"`` / ``"int4-g128"`` (asymmetric, group-wise; default group 32; the
+            embedding and LM head stay int8), ``"gguf"`` (a GGUF file's Q8_0 / Q4_0 / Q4_1
+            blocks kept as they are) or a ``jaxllm.quant.QuantConfig``;
+            None keeps float weights.  Projections, embedding and LM head are quantized;
+            ``dtype`` stays the compute dtype.  One device only for now.
+        **engine_args: the engine's arguments, :class:`jaxllm.engine.EngineConfig`'s fields
+            (``page_size``, ``num_pages``, ``max_num_seqs``, ...); an unknown name raises
+            TypeError.  The resolved config is ``llm.engine_config``.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str = "float32",
                  attention_impl: str = "auto", scan_layers: bool = False,
-                 max_model_len: int | None = None, max_batch_size: int = 64, seed: int = 0,
-                 compilation_cache: bool = True, page_size: int = 16,
-                 num_pages: int | None = None, memory_utilization: float = 0.9,
-                 kv_cache_dtype: str | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, num_scheduler_steps: int = 8,
-                 static_batching: bool = False, lora: str | os.PathLike | None = None,
-                 tp: int = 1, pp: int = 1, dp: int = 1, microbatches: int | None = None) -> None:
+                 max_model_len: int | None = None, seed: int = 0,
+                 compilation_cache: bool = True, static_batching: bool = False,
+                 lora: str | os.PathLike | None = None, tp: int = 1, pp: int = 1, dp: int = 1,
+                 microbatches: int | None = None, max_batch_size: int = 64,
+                 quantization: "str | QuantConfig | None" = None,
+                 **engine_args: Any) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        EngineConfig.check_names(engine_args)  # before the weights load: a typo fails fast
+        self.quantization = _check_quantization(quantization, tp * pp * dp)
         self.attention_impl = resolve_impl(attention_impl)
         if compilation_cache:
             enable_compilation_cache()
-        loaded = load_model(model, dtype=dtype)
-        self.config = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.model_path = loaded.source
-        self.dtype = dtype
+        gguf = self.quantization is not None and self.quantization.method == "gguf"
+        if gguf and lora is not None:
+            raise ValueError("lora cannot be merged into quantization='gguf' weights; use "
+                             "quantization='int8' or 'int4' (applied after the merge)")
+        loaded = load_model(model, dtype=dtype, gguf_blocks=gguf)
+        self.config, self.tokenizer = loaded.config, loaded.tokenizer
+        self.model_path, self.dtype = loaded.source, dtype
         params = loaded.params
-        if lora is not None:
-            from jaxllm.train.loop import load_lora
-
-            # folded into the weights: no per-token adapter cost at inference
-            params = load_lora(params, loaded.config, lora, merge_weights=True)
-        self.sharded = None
-        if tp * pp * dp > 1:
-            import sharding
-
-            self.sharded, self.params = sharding.setup(self.config, params, dp=dp, tp=tp, pp=pp,
-                                                       microbatches=microbatches)
-            if jax.process_count() > 1:
-                # the engine's replicas would need their results gathered across hosts:
-                # a multi-process job runs the static batch, SPMD over the whole mesh
-                static_batching = True
-        else:
-            params = params if scan_layers else llama.unstack_layers(params)
-            self.params = jax.device_put(llama.fuse_projections(params))
+        if lora is not None:  # folded into the weights: no per-token adapter cost
+            params = load_lora(params, self.config, lora, merge_weights=True)
+        self.sharded, self.params = self._place(params, scan_layers, tp, pp, dp, microbatches)
+        # in a multi-process job the engine's replicas would need their results gathered
+        # across hosts: run the static batch, SPMD over the whole mesh
+        self.static_batching = static_batching or (self.sharded is not None
+                                                   and jax.process_count() > 1)
         limit = self.config.max_position_embeddings
         if max_model_len is not None and not 1 < max_model_len <= limit:
-            raise ValueError(f"max_model_len must be in [2, {limit}] for this model, got {max_model_len}")
+            raise ValueError(f"max_model_len must be in [2, {limit}] for this model, "
+                             f"got {max_model_len}")
         self.max_model_len = max_model_len or limit
         self.max_batch_size = max_batch_size
         tok_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
         self.eos_token_ids = tuple(tok_eos or self.config.eos_token_ids)
-        self._rng = random.Random(seed)
-        self.static_batching = static_batching
-        from jaxllm.engine.engine import EngineConfig
-
-        self.engine_config = EngineConfig(
-            max_model_len=self.max_model_len, page_size=page_size, num_pages=num_pages,
-            memory_utilization=memory_utilization, kv_cache_dtype=kv_cache_dtype,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching,
-            enable_chunked_prefill=enable_chunked_prefill,
-            num_scheduler_steps=num_scheduler_steps, attention_impl=self.attention_impl,
-            seed=seed)
+        self._rng = random.Random(seed)  # the static path's unseeded requests
+        self.engine_config = EngineConfig(max_model_len=self.max_model_len,
+                                          attention_impl=self.attention_impl, seed=seed,
+                                          **engine_args)
         self.engine_config.validate()
-        self._engine = None
+        self._engine: LLMEngine | DataParallelEngine | None = None
+
+    def _place(self, params, scan_layers: bool, tp: int, pp: int, dp: int,
+               microbatches: int | None):
+        """``(sharded model or None, params on the device(s))``: a mesh when any degree > 1."""
+        if tp * pp * dp > 1:
+            return sharding.setup(self.config, params, dp=dp, tp=tp, pp=pp,
+                                  microbatches=microbatches)
+        params = llama.fuse_projections(params if scan_layers else llama.unstack_layers(params))
+        if self.quantization is not None and self.quantization.method != "gguf":
+            # after fusing: per-column scales concatenate
+            params = quantize_params(params, self.quantization, DTYPES[self.dtype])
+        return None, jax.device_put(params)
 
     @property
-    def engine(self):
+    def engine(self) -> LLMEngine | DataParallelEngine:
         """The paged continuous-batching engine (created, with its KV pool, on first use):
         an ``LLMEngine``, or with ``dp > 1`` a ``DataParallelEngine`` of one per replica."""
         if self._engine is None:
             kw = dict(tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids,
                       config=self.engine_config)
             if self.sharded is not None and self.sharded.dp > 1:
-                from jaxllm.engine.data_parallel import DataParallelEngine
-
                 self._engine = DataParallelEngine.create(self.sharded, self.params, self.config,
                                                          **kw)
             else:
-                from jaxllm.engine.engine import LLMEngine
-
                 self._engine = LLMEngine(self.params, self.config, model=self.sharded, **kw)
         return self._engine
 
@@ -152,6 +146,13 @@ class LLM:
     def _encode(self, prompt: Prompt, index: int) -> tuple[str | None, list[int]]:
         return encode_prompt(prompt, self.tokenizer, self.config.vocab_size, self.max_model_len,
                              name=f"prompt {index}", source=self.model_path)
+
+    def _encode_all(self, prompts: Prompt | Sequence[Prompt]) -> list[tuple[str | None, list[int]]]:
+        """``(text or None, token ids)`` per prompt; one prompt (text or ids) is a list of one."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        return [self._encode(p, i) for i, p in enumerate(prompts)]
 
     # ------------------------------------------------------------------ generation
 
@@ -163,22 +164,29 @@ class LLM:
         ``sampling_params`` is one `SamplingParams` for all prompts or a list with one
         per prompt.  Returns one `RequestOutput` per prompt, in order.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and isinstance(prompts[0], (int, np.integer))):
-            prompts = [prompts]
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        encoded = self._encode_all(prompts)
         sps = per_prompt(sampling_params, len(encoded))
-        if not self.static_batching:
-            return self._generate_engine(encoded, sps)
+        if self.static_batching:
+            return self._generate_static(encoded, sps)
+        return self._generate_engine(encoded, sps)
+
+    def _generate_engine(self, encoded: list[tuple[str | None, list[int]]],
+                         sps: list[SamplingParams]) -> list[RequestOutput]:
+        return self.engine.generate([ids if text is None else text for text, ids in encoded],
+                                    sps, prompt_token_ids=[ids for _, ids in encoded])
+
+    def _generate_static(self, encoded: list[tuple[str | None, list[int]]],
+                         sps: list[SamplingParams]) -> list[RequestOutput]:
+        """Padded batches of ``max_batch_size`` rows, one row per sample (n > 1: n rows)."""
         for sp in sps:
             if sp.use_beam_search or (sp.best_of or sp.n) > sp.n:
                 raise ValueError("SamplingParams.use_beam_search / best_of need the paged engine "
                                  "(this LLM runs with static_batching=True)")
-        # expand n > 1 into rows; seeded requests get seed, seed+1, ...
-        rows: list[tuple[int, list[int], SamplingParams]] = []
+        rows: list[tuple[int, list[int], SamplingParams]] = []  # (prompt index, ids, params)
         for i, ((_, ids), sp) in enumerate(zip(encoded, sps)):
-            for j in range(sp.n):
-                row_sp = sp if sp.n == 1 or sp.seed is None else _with(sp, seed=sp.seed + j)
+            for j in range(sp.n):  # seeded requests get seed, seed+1, ...
+                row_sp = (sp if sp.n == 1 or sp.seed is None
+                          else dataclasses.replace(sp, seed=sp.seed + j))
                 rows.append((i, ids, row_sp))
         trackers = [TextTracker(self.tokenizer, sp) for _, _, sp in rows]
         for start in range(0, len(rows), self.max_batch_size):
@@ -187,17 +195,12 @@ class LLM:
                                      [trackers[r] for r in part], chunk=None):
                 pass
         outputs = []
-        for i, ((text, ids), sp) in enumerate(zip(encoded, sps)):
+        for i, (text, ids) in enumerate(encoded):
             mine = [t for (owner, _, _), t in zip(rows, trackers) if owner == i]
             outputs.append(RequestOutput(request_id=uuid.uuid4().hex, prompt=text,
                                          prompt_token_ids=ids,
                                          outputs=[t.completion(j) for j, t in enumerate(mine)]))
         return outputs
-
-    def _generate_engine(self, encoded: list[tuple[str | None, list[int]]],
-                         sps: list[SamplingParams]) -> list[RequestOutput]:
-        return self.engine.generate([ids if text is None else text for text, ids in encoded],
-                                    sps, prompt_token_ids=[ids for _, ids in encoded])
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], beam_width: int = 4,
                     max_tokens: int = 16, *, length_penalty: float = 1.0,
@@ -208,10 +211,7 @@ class LLM:
         sp = SamplingParams(n=beam_width, use_beam_search=True, temperature=0.0,
                             max_tokens=max_tokens, length_penalty=length_penalty,
                             ignore_eos=ignore_eos)
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and isinstance(prompts[0], (int, np.integer))):
-            prompts = [prompts]
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        encoded = self._encode_all(prompts)
         return self._generate_engine(encoded, [sp] * len(encoded))
 
     def _run_batch(self, prompts: list[list[int]], sps: list[SamplingParams],
@@ -261,15 +261,14 @@ class LLM:
     def _stream_engine(self, text: str | None, ids: list[int],
                        sp: SamplingParams) -> Iterator[str]:
         eng = self.engine
-        if hasattr(eng, "least_loaded"):  # data parallel: stream from one replica
+        if isinstance(eng, DataParallelEngine):  # stream from one replica
             eng = eng.least_loaded()
-        req = eng._prepare(None, ids if text is None else text, sp, prompt_token_ids=ids)
-        eng._admit(req)
+        rid = eng.add_request(None, ids if text is None else text, sp, prompt_token_ids=ids)
         shown = 0
         try:
             while True:
                 for o in eng.step():
-                    if o.request_id != req.request_id:
+                    if o.request_id != rid:
                         continue
                     t = o.outputs[0].text
                     if len(t) > shown:
@@ -278,7 +277,7 @@ class LLM:
                     if o.finished:
                         return
         finally:
-            eng.abort(req.request_id)  # no-op when finished; frees pages if the caller stops
+            eng.abort(rid)  # no-op when finished; frees pages if the caller stops
 
     def chat(self, messages: Messages | Sequence[Messages],
              sampling_params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:
@@ -310,12 +309,20 @@ class LLM:
         return np.asarray(out[0, :n])
 
 
+def _check_quantization(quantization: "str | QuantConfig | None",
+                        devices: int) -> QuantConfig | None:
+    """The parsed ``quantization`` argument; ValueError before anything loads."""
+    if quantization is None:
+        return None
+    cfg = QuantConfig.parse(quantization)
+    if devices > 1:
+        raise ValueError(f"quantization={quantization!r} runs on one device for now "
+                         f"(tp * pp * dp = {devices}); drop quantization or the mesh")
+    return cfg
+
+
 def _logits_fn(params, tokens, *, cfg, impl):
     return llama.logits(params, cfg, tokens, attn_impl=impl)
 
 
 _logits_jit = jax.jit(_logits_fn, static_argnames=("cfg", "impl"))
-
-
-def _with(sp: SamplingParams, **changes: Any) -> SamplingParams:
-    return dataclasses.replace(sp, **changes)

@@ -1,10 +1,10 @@
-"""Profiler traces of real prefill and decode steps, and the ``jaxllm profile`` command.
+"""Profiler traces of real prefill and decode steps (run by ``jaxllm profile``).
 
 * :func:`trace` -- context manager around ``jax.profiler.trace`` (Perfetto trace
   on) that prints where the trace went and how to open it.
-* :func:`model_steps` -- jitted one-shot prefill and one-token decode functions
-  over a dense KV cache (``forward`` + ``cached_attention`` + greedy pick), used
-  by the profiler and by the XLA cost cross-check in :mod:`jaxllm.roofline`.
+* :func:`model_steps` -- the generate path's own jitted prefill and one-token decode
+  (greedy), used by the profiler and by the XLA cost cross-check in
+  :mod:`jaxllm.roofline`.
 * :func:`profile_model` -- compile, then trace ``steps`` prefills or decode
   steps, each inside ``jax.profiler.TraceAnnotation("prefill" / "decode")``,
   and summarise the trace: wall time per step, device-busy time and host gap,
@@ -18,7 +18,7 @@ They end up in each HLO instruction's ``op_name`` metadata, which the trace's
 (``hlo_op`` / ``hlo_module`` args), so :func:`scope_times` maps them back
 through the compiled HLO text.  See docs/profiling.md for what to look for.
 
-CLI::
+Command line (parser in :mod:`jaxllm.cli`)::
 
     jaxllm profile --model smollm2-135m --phase decode --steps 8 --out /tmp/prof
     jaxllm profile --model path/to/ckpt --phase prefill --prompt-len 512 --out /tmp/prof
@@ -27,7 +27,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -38,6 +37,17 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import generation
+from jaxllm.llm import LLM
+from jaxllm.models import llama
+from jaxllm.named_configs import NAMED_CONFIGS
+from jaxllm.sampling import SamplerFlags, SamplingParams, SamplingTensors
+from jaxllm.weights import load_model
 
 PHASES = ("prefill", "decode", "engine")
 
@@ -70,8 +80,6 @@ def trace(out_dir: str | Path, *, create_perfetto_trace: bool = True,
     Yields a :class:`TraceInfo` whose paths are set once the block exits; prints
     them and the viewer commands unless ``quiet``.
     """
-    import jax
-
     log_dir = Path(out_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     before = _run_dirs(log_dir)
@@ -96,77 +104,37 @@ def trace(out_dir: str | Path, *, create_perfetto_trace: bool = True,
 
 # --------------------------------------------------------------------------- model steps
 
-def model_steps(cfg, *, cache_len: int, impl: str = "xla", kv_dtype: Any = None,
-                jit: bool = True) -> tuple[Callable, Callable]:
-    """``(prefill, decode)`` for a dense KV cache of ``cache_len`` slots, greedy sampling.
+def model_steps(cfg, *, cache_len: int, impl: str = "xla") -> tuple[Callable, Callable]:
+    """``(prefill, decode)``: the static generate path's own jitted programs
+    (:func:`jaxllm.generation.prefill` and :func:`jaxllm.generation.decode`), greedy.
 
-    * ``prefill(params, tokens [B,P]) -> (next_token [B], caches)`` -- runs the
-      prompt (causal attention via :func:`jaxllm.attention.attention`), writes its
-      K/V into fresh caches at slots ``0..P-1``, projects the last position only.
-    * ``decode(params, caches, token [B], slot) -> (next_token [B], caches)`` --
-      one token at cache slot ``slot``: ``dynamic_update_slice`` into the cache,
-      then :func:`jaxllm.attention.cached_attention` over it.  ``caches`` is
-      donated when jitted.
+    * ``prefill(params, tokens [B,P]) -> DecodeState`` -- runs the prompt into a dense
+      cache of ``cache_len`` slots and picks the first token;
+    * ``decode(params, state) -> DecodeState`` -- one more token: the body of the
+      generate loop (:func:`jaxllm.generation.decode_step`; ``state`` donated).
 
-    Unrolled (list) ``params["layers"]`` give per-layer ``layer_i`` scopes;
-    stacked ones run under ``scan``.  The caches take ``kv_dtype`` (default: the
-    embedding dtype).
+    Both are jitted functions (``.lower`` works on them), so profiles and the roofline's
+    XLA cost cross-check measure exactly what ``generate`` runs.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxllm.attention import attention, cached_attention
-    from jaxllm.generation import _write_cache, empty_caches  # the generate path's own layout
-    from jaxllm.models import llama
-    from jaxllm.sampling import argmax
-
-    def _pick(params, hidden):
-        logits = llama.lm_head(params, cfg, hidden)
-        with jax.named_scope("sampling"):
-            return argmax(logits)
+    flags = SamplerFlags(all_greedy=True, penalties=False, top_k_p=False, min_p=False)
 
     def prefill(params, tokens):
         b, p = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-        stacked = isinstance(params["layers"], dict)
-        caches = empty_caches(cfg, b, cache_len, kv_dtype or params["embed"].dtype, stacked)
+        sampling = SamplingTensors.build([SamplingParams(temperature=0.0)] * b, b)
+        return generation.prefill(
+            params, tokens, jnp.zeros((b,), jnp.int32),
+            jnp.full((b,), cache_len - p, jnp.int32), jnp.zeros((b,), jnp.int32),
+            jnp.full((b, 1), -1, jnp.int32), sampling, cfg=cfg, cache_len=cache_len,
+            flags=flags, impl=impl)
 
-        def attend(q, k, v, cache):
-            out = attention(q, k, v, causal=True, sliding_window=cfg.sliding_window, impl=impl)
-            return out, _write_cache(cache, k, v, 0)
+    def decode(params, state):  # the loop body (XLA's cost analysis skips while loops)
+        return generation.decode_step(params, cfg, state, flags)
 
-        with jax.named_scope("prefill"):
-            hidden, caches = llama.forward(params, cfg, tokens, positions, attend, caches)
-            return _pick(params, hidden[:, -1]), caches
-
-    def decode(params, caches, token, slot):
-        b = token.shape[0]
-        slot = jnp.asarray(slot, jnp.int32)
-        positions = jnp.full((b, 1), slot, jnp.int32)
-        kv_start = jnp.zeros((b,), jnp.int32)
-
-        def attend(q, k, v, cache):
-            cache = _write_cache(cache, k, v, slot)
-            out = cached_attention(q, *cache, q_slot=slot, kv_start=kv_start,
-                                   sliding_window=cfg.sliding_window)
-            return out, cache
-
-        with jax.named_scope("decode_step"):
-            hidden, caches = llama.forward(params, cfg, token[:, None], positions, attend, caches)
-            return _pick(params, hidden[:, -1]), caches
-
-    if not jit:
-        return prefill, decode
     return jax.jit(prefill), jax.jit(decode, donate_argnums=1)
 
 
 def abstract_params(cfg, dtype: Any = "float32", unrolled: bool = True):
     """``jax.ShapeDtypeStruct`` parameter pytree (lowering and cost analysis without weights)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxllm.models import llama
-
     dt = jnp.dtype(dtype)
     shapes = llama.param_shapes(cfg)
     tree = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dt), shapes,
@@ -381,49 +349,40 @@ class ProfileResult:
 
 
 def _prompt_tokens(batch: int, length: int, vocab: int, seed: int = 0):
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     return rng.integers(min(3, vocab - 1), vocab, size=(batch, length), dtype=np.int32)
 
 
 def profile_model(cfg, params, *, phase: str, out_dir: str | Path, steps: int = 4,
                   batch: int = 1, prompt_len: int = 64, impl: str = "xla",
-                  kv_dtype: Any = None, quiet: bool = False) -> ProfileResult:
+                  quiet: bool = False) -> ProfileResult:
     """Trace ``steps`` real prefills (``phase="prefill"``) or decode steps (``"decode"``).
 
     Compiles (and runs once) outside the trace, then records each step inside a
     ``TraceAnnotation`` with a host sync after it, the way a generation loop
     reads back its tokens, so the gaps between steps are visible.
     """
-    import jax
-    import jax.numpy as jnp
-
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode' here, got {phase!r}")
     cache_len = -(-(prompt_len + steps + 1) // 128) * 128
-    prefill, decode = model_steps(cfg, cache_len=cache_len, impl=impl, kv_dtype=kv_dtype)
+    prefill, decode = model_steps(cfg, cache_len=cache_len, impl=impl)
     tokens = jnp.asarray(_prompt_tokens(batch, prompt_len, cfg.vocab_size))
 
     texts = [prefill.lower(params, tokens).compile().as_text()]
-    tok, caches = prefill(params, tokens)
-    jax.block_until_ready(tok)
+    state = jax.block_until_ready(prefill(params, tokens))
     if phase == "decode":
-        texts.append(decode.lower(params, caches, tok, jnp.int32(prompt_len)).compile().as_text())
-        tok, caches = decode(params, caches, tok, jnp.int32(prompt_len))  # warm-up
-        jax.block_until_ready(tok)
+        texts.append(decode.lower(params, state).compile().as_text())
+        state = jax.block_until_ready(decode(params, state))  # warm-up
 
     with trace(out_dir, quiet=quiet) as info:
-        for i in range(steps):
+        for _ in range(steps):
             if phase == "prefill":
                 with jax.profiler.TraceAnnotation("prefill"):
-                    tok, _ = prefill(params, tokens)
-                    tok = jax.device_get(tok)
+                    jax.device_get(prefill(params, tokens).last_token)
             else:
-                slot = prompt_len + 1 + i
                 with jax.profiler.TraceAnnotation("decode"):
-                    tok, caches = decode(params, caches, tok, jnp.int32(slot))
-                    tok = jax.device_get(tok)
+                    state = decode(params, state)
+                    jax.device_get(state.last_token)
     events = load_trace_events(info) if info.perfetto else []
     work = {"batch": batch, "prompt_len": prompt_len, "steps": steps, "cache_len": cache_len,
             "layers": "scan" if isinstance(params["layers"], dict) else "unrolled"}
@@ -439,11 +398,6 @@ def profile_engine(model: str | None, *, out_dir: str | Path, steps: int = 16, b
 
     The generation loop wraps its phases in ``TraceAnnotation("prefill"/"decode")``.
     """
-    try:
-        from jaxllm.llm import LLM
-        from jaxllm.sampling import SamplingParams
-    except ImportError as e:  # pragma: no cover - depends on the tree state
-        raise RuntimeError(f"phase 'engine' needs jaxllm.llm.LLM: {e}") from None
     if llm is None:
         llm = LLM(model, dtype=dtype)
     vocab = llm.config.vocab_size
@@ -461,23 +415,15 @@ def profile_engine(model: str | None, *, out_dir: str | Path, steps: int = 16, b
                          modules=module_times(events), busy_ms=busy_ms(events))
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- loading
 
 def load_for_profile(model: str | None, dtype: str = "float32", unrolled: bool = True,
                      seed: int = 0):
     """``(config, params)`` from a built-in config name (random weights) or a checkpoint path."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxllm.models import llama
-    from jaxllm.roofline import NAMED_CONFIGS
-
     if model is None or model.lower() in NAMED_CONFIGS:
         cfg = NAMED_CONFIGS[(model or "smollm2-135m").lower()]
         params = llama.init_params(cfg, jax.random.PRNGKey(seed), jnp.dtype(dtype))
     else:
-        from jaxllm.weights import load_model
-
         loaded = load_model(model, dtype=dtype)
         cfg, params = loaded.config, loaded.params
     if unrolled:
@@ -485,50 +431,3 @@ def load_for_profile(model: str | None, dtype: str = "float32", unrolled: bool =
     else:
         params = llama.stack_layers(params)
     return cfg, jax.device_put(params)
-
-
-def add_profile_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``jaxllm profile``."""
-    p = subparsers.add_parser(
-        "profile", help="capture a profiler trace of prefill / decode steps (XProf, Perfetto)",
-        description="Trace real prefill or decode steps of a model (random weights for a "
-                    "built-in config name, real ones for a checkpoint path), or LLM.generate "
-                    "(--phase engine). Prints where the trace went, the per-step host gap and "
-                    "the op time per named scope.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m",
-                   help="built-in config name (random weights: smollm2-135m, llama3-8b, ...) or "
-                        "an HF checkpoint directory / .gguf file")
-    p.add_argument("--phase", choices=PHASES, default="decode")
-    p.add_argument("--steps", type=int, default=8, help="traced steps (engine: new tokens)")
-    p.add_argument("--out", default="profiles", help="trace directory (xprof --logdir)")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--scan-layers", action="store_true",
-                   help="stacked layers under lax.scan (default: unrolled, one layer_i scope each)")
-    p.add_argument("--attention-impl", default="xla", choices=["auto", "xla", "pallas"])
-    p.set_defaults(func=cmd_profile)
-    return p
-
-
-def cmd_profile(args: argparse.Namespace) -> int:
-    if args.steps < 1:
-        raise ValueError("--steps must be >= 1")
-    if args.phase == "engine":
-        from jaxllm.roofline import NAMED_CONFIGS
-
-        model = None if args.model is None or args.model.lower() in NAMED_CONFIGS else args.model
-        if model is None and args.model and args.model.lower() != "smollm2-135m":
-            raise ValueError("--phase engine needs a checkpoint path (or the default model)")
-        res = profile_engine(model, out_dir=args.out, steps=args.steps, batch=args.batch,
-                             prompt_len=args.prompt_len, dtype=args.dtype)
-    else:
-        from jaxllm.attention import resolve_impl
-
-        cfg, params = load_for_profile(args.model, args.dtype, unrolled=not args.scan_layers)
-        res = profile_model(cfg, params, phase=args.phase, out_dir=args.out, steps=args.steps,
-                            batch=args.batch, prompt_len=args.prompt_len,
-                            impl=resolve_impl(args.attention_impl))
-    print(res.summary())
-    return 0

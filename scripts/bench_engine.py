@@ -2,7 +2,8 @@
 
 Workload (fixed seed): N requests submitted at once, prompt lengths uniform in
 [16, 512], output lengths uniform in [16, 256] (``ignore_eos``: every request generates
-exactly its length), greedy, float32, on the default model (SmolLM2-135M).
+exactly its length), greedy, float32 (``--dtype bfloat16``: weights and KV pool in
+bfloat16), on the default model (SmolLM2-135M).
 
   (a) static batching: ``LLM(static_batching=True)``: batches of ``--max-num-seqs`` rows in
       arrival order, left-padded, dense cache preallocated for the batch's longest
@@ -18,6 +19,7 @@ allocated token slots, averaged over steps (static: the batch's dense cache; pag
 pages held by running sequences).  Rows go to the results file via ``jaxllm.bench``.
 
     python scripts/bench_engine.py --quick      # 48 requests, 16 at a time
+    python scripts/bench_engine.py --quick --dtype bfloat16
     python scripts/bench_engine.py              # 200 requests, 64 at a time
 """
 
@@ -165,15 +167,17 @@ def main(argv=None) -> int:
     ap.add_argument("--num-scheduler-steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and KV pool dtype (run both: bf16 is a first-class path)")
     ap.add_argument("--only", default="abc", help="which of a, b, c to run (default: abc)")
     ap.add_argument("--results", default=None, help="results file (default: results/benchmarks.jsonl)")
     args = ap.parse_args(argv)
     n = args.num_requests or (48 if args.quick else 200)
     seqs = args.max_num_seqs or (16 if args.quick else 64)
 
-    llm = LLM(args.model)
+    llm = LLM(args.model, dtype=args.dtype)
     base_wl = dict(requests=n, prompt_len="16-512", output_len="16-256", seed=args.seed,
-                   model=str(llm.model_path.name), dtype="float32", concurrency=seqs,
+                   model=str(llm.model_path.name), dtype=args.dtype, concurrency=seqs,
                    max_num_batched_tokens=args.max_num_batched_tokens,
                    num_scheduler_steps=args.num_scheduler_steps, cpu_count=os.cpu_count())
     prompts, sps = make_workload(n, args.seed)

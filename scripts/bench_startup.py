@@ -1,4 +1,4 @@
-"""Start-up time of ``jaxllm generate`` (issue 2): cold (fresh caches) and warm.
+"""Start-up time of ``jaxllm generate``: cold (fresh caches) and warm.
 
 Each run starts ``jaxllm generate PROMPT --max-tokens N`` as a new process and measures,
 from the moment the process is spawned (interpreter start-up and imports included):

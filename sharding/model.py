@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllm.attention import attention
 from jaxllm.config import ModelConfig
 from jaxllm.models import llama
 from sharding import pipeline, rules, tensor_parallel
@@ -231,8 +232,6 @@ class ShardedModel:
 
 
 def _full_attend(cfg: ModelConfig, impl: str) -> RowAttendFn:
-    from jaxllm.attention import attention
-
     def attend(rows, q, k, v, cache):
         out = attention(q, k, v, causal=True, segment_ids=rows.get("segment_ids"),
                         sliding_window=cfg.sliding_window, impl=impl)
@@ -252,17 +251,17 @@ def _logits(params, tokens, segment_ids, *, model: ShardedModel, impl: str):
 
 def paged_forward(model: ShardedModel, params: dict[str, Any], cfg: ModelConfig,
                   tokens: jax.Array, positions: jax.Array, pools: list[Any],
-                  attend_layer: Callable) -> tuple[jax.Array, list[Any]]:
+                  attend_pages: Callable) -> tuple[jax.Array, list[Any]]:
     """The paged engine's forward on a mesh: a drop-in for the unstacked path of
-    ``jaxllm.engine.runner._forward_paged``.
+    ``jaxllm.engine.step._forward``.
 
     ``tokens, positions [1, N]`` (the engine's flat ragged batch; no data split -- run
     one engine per data replica on ``data_parallel.replica_meshes``).  ``pools``: one
     ``(k_pages, v_pages)`` per layer *within a stage* (``L/pp`` entries), each
     ``[pp * P, page, Hkv', D]`` with :meth:`ShardedModel.paged_cache_spec` (stage ``s``
     owns pages ``[s*P, (s+1)*P)``; ``Hkv' = model.plan.model_cfg.num_kv_heads``).
-    ``attend_layer(q, k, v, k_pages, v_pages, 0) -> (out, k_pages, v_pages)`` runs per
-    shard on its local kv heads and pages; whatever it closes over (block tables, slot
+    ``attend_pages(q, k, v, (k_pages, v_pages), 0) -> (out, (k_pages, v_pages))`` runs
+    per shard on its local kv heads and pages; whatever it closes over (block tables, slot
     mapping, lengths) must be replicated.  Returns (hidden ``[1, N, D]``, pools).
     """
     if model.dp != 1:
@@ -270,8 +269,7 @@ def paged_forward(model: ShardedModel, params: dict[str, Any], cfg: ModelConfig,
                          "(sharding.data_parallel.replica_meshes)")
 
     def attend(rows, q, k, v, cache):
-        out, kp, vp = attend_layer(q, k, v, cache[0], cache[1], 0)
-        return out, (kp, vp)
+        return attend_pages(q, k, v, cache, 0)
 
     caches = [[p] for p in pools]  # one microbatch position: the batch is [1, N]
     hidden, caches = model.forward(params, cfg, tokens, positions, attend, {}, caches,

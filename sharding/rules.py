@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import llama
+from jaxllm.quant import is_quantized
 from sharding.mesh import DATA, PIPELINE, TENSOR, mesh_shape
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,9 @@ def place_params(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,
     """
     if layout not in ("stacked", "staged"):
         raise ValueError(f"layout must be 'stacked' or 'staged', got {layout!r}")
+    if any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+        raise ValueError("params hold quantized weights (jaxllm.quant.QuantizedArray), which run "
+                         "on one device for now: place float weights, or use one device")
     plan = plan or plan_for_mesh(cfg, mesh)
     params = llama.stack_layers(params)
     shapes = global_param_shapes(plan)

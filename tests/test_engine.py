@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxllm import generation as G
-from jaxllm.cache.page_pool import PagePool, kv_bytes_per_page, pages_for_budget
+from jaxllm.cache.page_pool import PagePool, kv_bytes_per_page, pages_for_budget, pool_bucket
 from jaxllm.compilation import count_compiles
 from jaxllm.config import ModelConfig
 from jaxllm.engine.async_engine import AsyncLLMEngine
@@ -328,7 +328,7 @@ def test_bad_requests_are_rejected_before_touching_the_pool(params, prompt, sp, 
     used = eng.allocator.num_used_blocks
     with pytest.raises((ValueError, TypeError), match=match):
         eng.add_request("bad", prompt, sp)
-    assert eng.scheduler.get_request("bad") is None and "bad" not in eng._reqs
+    assert eng.scheduler.get_request("bad") is None and "bad" not in eng.processor.requests
     assert eng.allocator.num_used_blocks == used
     with pytest.raises(ValueError, match="already exists"):
         eng.add_request("ok", [1], SamplingParams())
@@ -347,7 +347,7 @@ def test_page_pool_sizing_and_bad_configs(monkeypatch):
     n, budget = pages_for_budget(CFG, 16, np.float32, 0.9)
     assert n == max(0, budget // per_page) and n > 0
     pool = PagePool.create(CFG, page_size=16, memory_utilization=0.9, max_model_len=256)
-    assert pool.num_pages == n and pool.nbytes <= 0.01 * 2**30
+    assert pool.num_pages == pool_bucket(n, up=False) and pool.nbytes <= 0.01 * 2**30
     capped = PagePool.create(CFG, page_size=16, max_model_len=256, max_pages=40)
     assert capped.num_pages == 40 and len(capped.caches) == CFG.num_layers
     with pytest.raises(ValueError, match="too small"):  # a tiny budget cannot hold a sequence

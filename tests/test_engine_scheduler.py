@@ -97,10 +97,10 @@ def test_pop_token_and_uncached_admission():
     sched.finish_seq(seq.seq_id)
     # the prompt is cached now; a request may opt out of the lookup
     g2 = sched.add_request("b", list(range(10)), use_prefix_cache=False)
-    sched.schedule()
+    out = sched.schedule()
     assert g2.seqs[0].num_cached_tokens == 0
     g3 = sched.add_request("c", list(range(10)))
     sched.abort("b")
-    sched._pending = None
+    sched.discard(out)
     sched.schedule()
     assert g3.seqs[0].num_cached_tokens == 8

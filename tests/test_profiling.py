@@ -7,10 +7,11 @@ import argparse
 import jax
 import pytest
 
+from jaxllm.cli import add_profile_parser
 from jaxllm.config import ModelConfig
 from jaxllm.models import llama
-from jaxllm.profiling import (add_profile_parser, hlo_scope_map, load_trace_events,
-                              profile_model, scope_of, trace, trace_contains)
+from jaxllm.profiling import (hlo_scope_map, load_trace_events, profile_model, scope_of, trace,
+                              trace_contains)
 
 TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16)
@@ -41,7 +42,11 @@ def test_profile_trace_contains_named_scopes(tmp_path, params, phase, capsys):
     found = trace_contains(res.trace, ["attention", "mlp", "qkv_proj", "lm_head", "layer_1", phase])
     assert all(found.values()), found
     assert len(res.steps) == 2 and all(s.wall_ms > 0 for s in res.steps)
-    assert {"mlp", "attention/qkv_proj", "lm_head"} <= set(res.scopes), res.scopes
+    # the real decode step fuses its one-row projections with neighbouring ops, whose
+    # scope then names the fusion; prefill runs each projection as its own dot
+    want = {"mlp", "lm_head"} | ({"attention/qkv_proj"} if phase == "prefill" else set())
+    assert want <= set(res.scopes), res.scopes
+    assert any(s.startswith("attention/") for s in res.scopes), res.scopes
     assert "op time by named scope" in res.summary()
 
 

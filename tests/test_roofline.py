@@ -7,11 +7,12 @@ import json
 
 import pytest
 
+from jaxllm.cli import add_roofline_parser
 from jaxllm.config import ModelConfig
 from jaxllm.hardware import HARDWARE, get_hardware, measure_cpu, textbook_a100_ridge
-from jaxllm.roofline import (NAMED_CONFIGS, LINEAR_OPS, add_roofline_parser, analyze,
-                             compare_with_xla, format_xla_comparison, phase_ops,
-                             resolve_model_config, textbook_figures)
+from jaxllm.named_configs import NAMED_CONFIGS
+from jaxllm.roofline import (LINEAR_OPS, analyze, compare_with_xla, format_xla_comparison,
+                             phase_ops, resolve_model_config, textbook_figures)
 
 TINY = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=32)

@@ -93,6 +93,7 @@ def test_partition_requests_balances_and_gathers_in_order():
 def test_distributed_flags_and_env(monkeypatch):
     import argparse
 
+    from jaxllm.cli import add_distributed_args
     from sharding import distributed as D
 
     for var in sum(D.ENV.values(), ()):
@@ -100,7 +101,7 @@ def test_distributed_flags_and_env(monkeypatch):
     assert D.resolve() is None  # single process
     assert D.initialize() is False
     p = argparse.ArgumentParser()
-    D.add_distributed_args(p)
+    add_distributed_args(p)
     args = p.parse_args(["--tp", "2", "--pp", "2", "--coordinator", "h:1", "--num-processes",
                          "2", "--process-id", "1"])
     assert D.parallel_kwargs(args) == {"tp": 2, "pp": 2, "dp": 1}
@@ -359,11 +360,11 @@ else:
         bt = jnp.asarray([[1, 2], [3, 4]], jnp.int32)
 
         def make_attend(slots, kv_lens, cu):
-            def attend_layer(q, k, v, kp, vp, page_off):
-                kp, vp = write_kv_pages(kp, vp, k[0], v[0], slots, impl="xla")
+            def attend_pages(q, k, v, pages, page_off):
+                kp, vp = write_kv_pages(*pages, k[0], v[0], slots, impl="xla")
                 out = ragged_paged_attention(q[0], kp, vp, bt, cu, kv_lens, impl="xla")
-                return out[None], kp, vp
-            return attend_layer
+                return out[None], (kp, vp)
+            return attend_pages
 
         def batch(step):
             if step == 0:  # prefill: 5 + 3 tokens
@@ -389,16 +390,15 @@ else:
         pools = [(jax.device_put(jnp.zeros((pp * n_pages, page, hkv2, cfg.head_dim)), spec),) * 2
                  for _ in range(model.layers_per_stage)]
         for step in range(2):
-            toks, pos, attend_layer = batch(step)
+            toks, pos, attend_pages = batch(step)
 
-            def ref_attend(q, k, v, cache, attend_layer=attend_layer):
-                out, kp, vp = attend_layer(q, k, v, cache[0], cache[1], 0)
-                return out, (kp, vp)
+            def ref_attend(q, k, v, cache, layer, attend_pages=attend_pages):
+                return attend_pages(q, k, v, cache, 0)
 
             want, ref_pools = jax.jit(lambda p, t, s, c: llama.forward(
                 p, cfg, t, s, ref_attend, c))(ref_params, toks, pos, ref_pools)
             got, pools = jax.jit(lambda p, t, s, c: sharding.paged_forward(
-                model, p, cfg, t, s, c, attend_layer))(placed, toks, pos, pools)
+                model, p, cfg, t, s, c, attend_pages))(placed, toks, pos, pools)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
         if model.plan.kv_repeat == 1:  # stage s, entry i holds layer s*per + i
             per = model.layers_per_stage

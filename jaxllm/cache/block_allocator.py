@@ -36,6 +36,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Protocol, Sequence as Seq
 
+import numpy as np
+
 __all__ = [
     "NULL_BLOCK_ID",
     "PAD_SLOT_ID",
@@ -71,12 +73,21 @@ class SeqLike(Protocol):
     def token_ids(self) -> Seq[int]: ...
 
 
-def compute_slot_mapping(block_table: Seq[int], block_size: int, start: int, end: int) -> list[int]:
-    """Flat KV-pool slot of every position in ``[start, end)``.
+def slot_mapping_array(tables: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """Flat KV-pool slot of each token: ``tables[i]`` is the block table of the sequence
+    of token ``i`` (``[N, W]``), ``positions [N]`` its position.
 
-    ``slot = block_table[pos // block_size] * block_size + pos % block_size``; the device
+    ``slot = table[pos // block_size] * block_size + pos % block_size``; the device
     writes the K/V of the token at ``pos`` to ``pages.reshape(-1, ...)[slot]``.
     """
+    positions = np.asarray(positions, np.int64)
+    blocks = np.take_along_axis(np.asarray(tables), (positions // block_size)[:, None], 1)[:, 0]
+    return (blocks * block_size + positions % block_size).astype(np.int32)
+
+
+def compute_slot_mapping(block_table: Seq[int], block_size: int, start: int, end: int) -> list[int]:
+    """Flat KV-pool slot of every position in ``[start, end)`` of one sequence (see
+    :func:`slot_mapping_array`)."""
     if start < 0 or end < start:
         raise ValueError(f"bad position range [{start}, {end})")
     if end > len(block_table) * block_size:
@@ -84,15 +95,11 @@ def compute_slot_mapping(block_table: Seq[int], block_size: int, start: int, end
             f"positions up to {end} need {-(-end // block_size)} blocks, "
             f"block table has {len(block_table)}"
         )
-    out: list[int] = []
-    pos = start
-    while pos < end:
-        idx, off = divmod(pos, block_size)
-        stop = min(end, (idx + 1) * block_size)
-        base = block_table[idx] * block_size + off
-        out.extend(range(base, base + (stop - pos)))
-        pos = stop
-    return out
+    if start == end:
+        return []
+    pos = np.arange(start, end)
+    table = np.asarray(block_table, np.int64)[None].repeat(len(pos), 0)
+    return slot_mapping_array(table, pos, block_size).tolist()
 
 
 @dataclass

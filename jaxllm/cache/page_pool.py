@@ -14,6 +14,16 @@ Two structures, matching the parameter layout the model runs with:
   offsets page ids by ``layer * num_pages`` so the whole pool stays in the scan carry and
   is updated in place (a per-layer slice would be copied every step).
 
+An int8 pool (``kv_cache_dtype="int8"``) adds two float32 scale arrays per layer,
+``[num_pages, page_size, Hkv]`` for K and V (one scale per token and head, written with
+the values), so a layer is ``(k, v, k_scales, v_scales)``: about 3.7x the tokens of a
+float32 pool in the same memory at head_dim 64.
+
+A bfloat16 pool on XLA:CPU is stored as its bits in uint16 arrays
+(:func:`jaxllm.attention.kv_storage_dtype`: XLA:CPU would otherwise convert the whole pool
+to float32 for every K/V write); ``dtype`` is the values' dtype, ``storage_dtype`` the
+arrays'.
+
 The pool is allocated once, zero-filled (the attention reference needs finite values in
 unused pages), and donated to every jitted step so XLA updates it in place.
 
@@ -43,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.attention import kv_storage_dtype
 from jaxllm.config import ModelConfig
 
 __all__ = ["PagePool", "kv_bytes_per_page", "device_memory", "pages_for_budget",
@@ -50,7 +61,8 @@ __all__ = ["PagePool", "kv_bytes_per_page", "device_memory", "pages_for_budget",
 
 DEFAULT_CPU_KV_CACHE_SPACE = 4 << 30  # bytes
 
-KV_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+KV_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+             "int8": jnp.int8}
 
 
 def _dtype(dtype: Any) -> jnp.dtype:
@@ -68,7 +80,10 @@ def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any, model: Any =
     if model is not None:
         layers = layers // model.pp
         heads = model.plan.model_cfg.num_kv_heads // model.tp
-    return 2 * layers * page_size * heads * cfg.head_dim * _dtype(dtype).itemsize
+    per_token_head = cfg.head_dim * _dtype(dtype).itemsize
+    if _dtype(dtype) == jnp.int8:
+        per_token_head += 4  # its float32 scale
+    return 2 * layers * page_size * heads * per_token_head
 
 
 def _meminfo() -> dict[str, int]:
@@ -125,6 +140,17 @@ def pages_for_budget(cfg: ModelConfig, page_size: int, dtype: Any, memory_utiliz
     return max(0, budget // kv_bytes_per_page(cfg, page_size, dtype, model)), budget
 
 
+def pool_bucket(num_pages: int, up: bool = True) -> int:
+    """``num_pages`` rounded to three significant bits (``m * 2**k``, ``8 <= m < 16``):
+    the pool's array size is part of every step program's shape, so nearby pool sizes
+    share compiled programs (at most 1/8 more pages than asked, or fewer for a budget)."""
+    if num_pages <= 16:
+        return num_pages
+    k = num_pages.bit_length() - 4
+    m = -(-num_pages // (1 << k)) if up else num_pages >> k
+    return m << k
+
+
 @dataclasses.dataclass
 class PagePool:
     """The per-layer K/V page arrays and their geometry.
@@ -141,13 +167,19 @@ class PagePool:
     stacked: bool
     model: Any = None  # a sharding.ShardedModel: the pool is laid out on its mesh
     caches: Any = None
+    storage_dtype: jnp.dtype | None = None  # the arrays' dtype (None: ``dtype``)
+    capacity: int | None = None  # pages in the arrays (>= num_pages; None: num_pages)
+
+    def __post_init__(self) -> None:
+        self.storage_dtype = jnp.dtype(self.storage_dtype or self.dtype)
+        self.capacity = max(self.capacity or 0, self.num_pages)
 
     @classmethod
     def create(cls, cfg: ModelConfig, *, page_size: int = 16, num_pages: int | None = None,
                memory_utilization: float = 0.9, dtype: Any = jnp.float32,
                stacked: bool = False, max_model_len: int | None = None,
                max_pages: int | None = None, device: jax.Device | None = None,
-               model: Any = None) -> "PagePool":
+               model: Any = None, impl: str = "auto") -> "PagePool":
         """Size and allocate the pool.  ``max_pages`` caps a budget-sized pool (the engine
         passes what ``max_num_seqs`` sequences of ``max_model_len`` can ever use).
 
@@ -161,6 +193,7 @@ class PagePool:
         if num_pages is None:
             num_pages, budget = pages_for_budget(cfg, page_size, dtype, memory_utilization,
                                                  device, model)
+            num_pages = pool_bucket(num_pages, up=False)  # a stable size for a budget
             if max_pages is not None:
                 num_pages = min(num_pages, max_pages)
         if max_model_len is not None:
@@ -176,17 +209,26 @@ class PagePool:
                     f"page), {how}. Raise num_pages / memory_utilization or lower max_model_len.")
         elif num_pages < 2:
             raise ValueError(f"the KV page pool needs at least 2 pages, got {num_pages}")
+        if model is not None and dtype == jnp.int8:
+            raise ValueError("kv_cache_dtype='int8' runs on one device (its scale arrays are "
+                             "not laid out on a mesh yet)")
         if model is not None and stacked:
             raise ValueError("a pool on a mesh follows the model's staged layer layout "
                              "(stacked=False)")
         pool = cls(cfg=cfg, num_pages=int(num_pages), page_size=int(page_size), dtype=dtype,
-                   stacked=stacked, model=model)
+                   stacked=stacked, model=model, storage_dtype=kv_storage_dtype(dtype, impl),
+                   capacity=pool_bucket(int(num_pages)))
         pool.caches = pool.zeros()
         return pool
 
     @property
     def page_shape(self) -> tuple[int, ...]:
-        return (self.num_pages, self.page_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        return (self.capacity, self.page_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+
+    @property
+    def quantized(self) -> bool:
+        """int8 K/V with per-token, per-head float32 scales."""
+        return self.dtype == jnp.int8
 
     @property
     def num_slots(self) -> int:
@@ -196,26 +238,31 @@ class PagePool:
     @property
     def nbytes(self) -> int:
         """Bytes of the whole pool (on a mesh: summed over its devices)."""
-        per_device = self.num_pages * kv_bytes_per_page(self.cfg, self.page_size, self.dtype,
+        per_device = self.capacity * kv_bytes_per_page(self.cfg, self.page_size, self.dtype,
                                                         self.model)
         return per_device * (1 if self.model is None else self.model.mesh.devices.size)
 
     def zeros(self) -> Any:
-        n = self.cfg.num_layers
+        n, dt = self.cfg.num_layers, self.storage_dtype
         if self.model is not None:
             m = self.model
             c = m.plan.model_cfg
-            shape = (m.pp * self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
+            shape = (m.pp * self.capacity, self.page_size, c.num_kv_heads, c.head_dim)
             k_spec, v_spec = m.paged_cache_spec()
             shardings = tuple(jax.sharding.NamedSharding(m.mesh, s) for s in (k_spec, v_spec))
-            make = jax.jit(lambda: (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)),
+            make = jax.jit(lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt)),
                            out_shardings=shardings)
             return [make() for _ in range(m.layers_per_stage)]
-        if self.stacked:
-            shape = (n, *self.page_shape)
-            return (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-        return [(jnp.zeros(self.page_shape, self.dtype), jnp.zeros(self.page_shape, self.dtype))
-                for _ in range(n)]
+        lead = (n,) if self.stacked else ()
+
+        def layer():  # K, V (and their scales when quantized)
+            arrays = [jnp.zeros((*lead, *self.page_shape), dt) for _ in range(2)]
+            if self.quantized:
+                arrays += [jnp.zeros((*lead, *self.page_shape[:-1]), jnp.float32)
+                           for _ in range(2)]
+            return tuple(arrays)
+
+        return layer() if self.stacked else [layer() for _ in range(n)]
 
     def reset(self) -> None:
         """Drop the contents (e.g. after a failed step whose donated pool is gone)."""
@@ -223,9 +270,12 @@ class PagePool:
         self.caches = self.zeros()
 
     def describe(self) -> str:
-        return (f"{self.num_pages} pages x {self.page_size} tokens "
+        arrays = f" in arrays of {self.capacity}" if self.capacity != self.num_pages else ""
+        stored = ("" if self.storage_dtype == self.dtype else
+                  f" stored as {self.storage_dtype.name} bits")
+        mesh = ("" if self.model is None else
+                f"; dp={self.model.dp} pp={self.model.pp} tp={self.model.tp}")
+        return (f"{self.num_pages} pages x {self.page_size} tokens{arrays} "
                 f"({self.num_slots} token slots, {self.nbytes / 2**20:.1f} MiB, "
-                f"{jnp.dtype(self.dtype).name}, "
-                f"{'stacked' if self.stacked else 'per-layer'}"
-                + ("" if self.model is None else
-                   f"; dp={self.model.dp} pp={self.model.pp} tp={self.model.tp}") + ")")
+                f"{jnp.dtype(self.dtype).name}{stored}, "
+                f"{'stacked' if self.stacked else 'per-layer'}{mesh})")

@@ -17,14 +17,34 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import threading
+import time
 from typing import AsyncIterator, Sequence
 
 from jaxllm.engine.engine import LLMEngine
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling import SamplingParams
 
-__all__ = ["AsyncLLMEngine"]
+__all__ = ["AsyncLLMEngine", "EngineSnapshot"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's load at one moment (for a server's metrics and back-pressure)."""
+
+    num_running: int  # requests holding KV pages
+    num_waiting: int  # requests queued, not yet scheduled (incl. ones not yet handed over)
+    num_pages: int  # usable KV pages in the pool
+    num_free_pages: int  # free now (incl. evictable prefix-cache pages)
+    num_preemptions: int  # since start
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int  # of those, tokens served from it
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of usable KV pages held by requests (0.0 .. 1.0)."""
+        return 1.0 - self.num_free_pages / self.num_pages if self.num_pages else 0.0
 
 
 class AsyncLLMEngine:
@@ -39,6 +59,9 @@ class AsyncLLMEngine:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None
+        # request id -> time.monotonic() of the step that first scheduled it (queue time);
+        # kept until the request's stream ends
+        self.scheduled_at: dict[str, float] = {}
 
     @classmethod
     def from_llm(cls, llm) -> "AsyncLLMEngine":
@@ -59,7 +82,7 @@ class AsyncLLMEngine:
             if request_id is not None and request_id in taken:
                 raise ValueError(f"request {request_id!r} already exists")
             # validation happens here, in the caller; engine state is not touched
-            req = self.engine._prepare(request_id, prompt, sampling_params)  # noqa: SLF001
+            req = self.engine.prepare_request(request_id, prompt, sampling_params)
             queue: asyncio.Queue = asyncio.Queue()
             self._streams[req.request_id] = queue
             self._to_add.append(req)
@@ -81,7 +104,23 @@ class AsyncLLMEngine:
                     self._to_abort.append(req.request_id)
                 if self._wake is not None:
                     self._wake.set()
-            self._streams.pop(req.request_id, None)
+            with self._lock:  # (the worker thread sets scheduled_at under the lock too)
+                self._streams.pop(req.request_id, None)
+                self.scheduled_at.pop(req.request_id, None)
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's load now.  Reads scheduler / allocator counters (plain ints, safe to
+        read from the event loop while a step runs: the worst case is a value one step old)."""
+        eng = self.engine
+        sched, alloc = eng.scheduler, eng.allocator
+        with self._lock:
+            pending = len(self._to_add)
+        return EngineSnapshot(
+            num_running=len(sched.running), num_waiting=len(sched.waiting) + pending,
+            num_pages=alloc.num_usable_blocks, num_free_pages=alloc.num_free_blocks,
+            num_preemptions=eng.num_preemptions,
+            prefix_cache_queries=alloc.stats.prefix_cache_queries,
+            prefix_cache_hits=alloc.stats.prefix_cache_hits)
 
     async def abort(self, request_id: str) -> None:
         with self._lock:
@@ -116,13 +155,20 @@ class AsyncLLMEngine:
         outs: list[tuple[str, RequestOutput | BaseException]] = []
         for req in adds:
             try:
-                self.engine._admit(req)  # noqa: SLF001
+                self.engine.add_prepared(req)
             except Exception as e:  # e.g. the id was taken meanwhile: fail only this request
                 outs.append((req.request_id, e))
         for rid in aborts:
             self.engine.abort(rid)
         if self.engine.has_unfinished_requests():
+            t = time.monotonic()
+            waiting = [g.request_id for g in self.engine.scheduler.waiting]
             outs.extend((o.request_id, o) for o in self.engine.step())
+            still = {g.request_id for g in self.engine.scheduler.waiting}
+            with self._lock:
+                for rid in waiting:  # left the waiting queue in this step: scheduled at t
+                    if rid not in still and rid in self._streams:
+                        self.scheduled_at.setdefault(rid, t)
         return outs
 
     async def _run(self) -> None:

@@ -10,9 +10,9 @@ the completed beams ranked by the length-penalised score
     score = cum_logprob / seq_len ** length_penalty
 
 with ``seq_len`` = prompt + generated tokens, not counting a final EOS (vLLM's
-``get_beam_search_score``).  The engine maps beams onto sequences: a kept parent
-continues in its own sequence, extra children fork it (sharing its KV pages,
-copy-on-write), dropped beams are finished, which frees their pages.
+``get_beam_search_score``).  :func:`beam_step` maps beams onto the scheduler's
+sequences: a kept parent continues in its own sequence, extra children fork it (sharing
+its KV pages, copy-on-write), dropped beams are finished, which frees their pages.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Sequence
 
-__all__ = ["Beam", "BeamSearchState", "Candidate", "beam_score"]
+from jaxllm.engine.scheduler import Scheduler
+from jaxllm.engine.sequence import Sequence as Seq, SequenceStatus
+
+__all__ = ["Beam", "BeamSearchState", "Candidate", "beam_score", "beam_step"]
 
 
 @dataclasses.dataclass
@@ -62,6 +65,10 @@ class BeamSearchState:
         self.completed: list[Beam] = []
         self.pending: dict[int, tuple[Sequence[int], Sequence[float]]] = {}
 
+    def start(self, key: int) -> None:
+        """The first beam (empty), in the request's first sequence ``key``."""
+        self.running[key] = Beam([], 0.0, [] if self.keep_logprobs else None)
+
     def ready(self) -> bool:
         """Every running beam has proposed its candidates for this step."""
         return bool(self.running) and all(k in self.pending for k in self.running)
@@ -99,3 +106,54 @@ def _extend(beam: Beam, top: dict[int, float] | None) -> list[dict[int, float]] 
     if beam.logprobs is None or top is None:
         return None
     return beam.logprobs + [top]
+
+
+# ------------------------------------------------------------------ beams <-> sequences
+
+def beam_step(bs: BeamSearchState, scheduler: Scheduler, seq: Seq, lp,
+              max_out: int, index: dict[int, int]) -> bool:
+    """Record the candidates of the beam in ``seq`` (``lp``: ``(chosen, top_ids, top_lps)``
+    of the token it just sampled); once every running beam has proposed, select the next
+    beams and map them onto sequences (``index``: seq id -> completion index, updated).
+    Returns True when the search is over (all its sequences finished)."""
+    seq.pop_token()  # the placeholder argmax; the selected candidate is appended instead
+    _, top_ids, top_lps = lp
+    w = 2 * bs.width
+    bs.pending[seq.seq_id] = (list(map(int, top_ids[:w])), list(map(float, top_lps[:w])))
+    if not bs.ready():
+        return False  # siblings still (re)computing
+    new = bs.select()
+    parents, bs.running = bs.running, {}
+    n_gen = len(next(iter(parents.values())).tokens) + 1
+    if not new or n_gen >= max_out:
+        for c in new:
+            p = parents[c.parent]
+            bs.completed.append(Beam(p.tokens + [c.token], c.cum_logprob,
+                                     _extend(p, c.token_logprobs)))
+        for sid in parents:
+            scheduler.finish_seq(sid, SequenceStatus.FINISHED_LENGTH)
+        return True
+    _continue_beams(bs, scheduler, parents, new, index)
+    return False
+
+
+def _continue_beams(bs: BeamSearchState, scheduler: Scheduler, parents: dict[int, Beam],
+                    new: list[Candidate], index: dict[int, int]) -> None:
+    """The first child of a parent continues its sequence; more children fork it."""
+    children: dict[int, list[Candidate]] = {}
+    for c in new:
+        children.setdefault(c.parent, []).append(c)
+    for sid in parents:
+        if sid not in children:  # dropped beam: its pages go back (shared ones stay)
+            scheduler.finish_seq(sid, SequenceStatus.FINISHED_ABORTED)
+            index.pop(sid, None)
+    for sid, cs in children.items():
+        p = parents[sid]
+        scheduler.get_seq(sid).append_token(cs[0].token)
+        bs.running[sid] = Beam(p.tokens + [cs[0].token], cs[0].cum_logprob,
+                               _extend(p, cs[0].token_logprobs))
+        for c in cs[1:]:
+            child = scheduler.fork_seq(sid, c.token)
+            index[child.seq_id] = 0
+            bs.running[child.seq_id] = Beam(p.tokens + [c.token], c.cum_logprob,
+                                            _extend(p, c.token_logprobs))

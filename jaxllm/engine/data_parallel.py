@@ -25,7 +25,8 @@ import jax
 from jax.sharding import NamedSharding
 
 from jaxllm.config import ModelConfig
-from jaxllm.engine.engine import EngineConfig, LLMEngine
+from jaxllm.engine.config import EngineConfig
+from jaxllm.engine.engine import LLMEngine
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling import SamplingParams, per_prompt
 
@@ -120,18 +121,15 @@ class DataParallelEngine:
         sps = per_prompt(sampling_params, n)
         ids = list(prompt_token_ids) if prompt_token_ids is not None else [None] * n
         first = self.engines[0]
-        rng_state = first._rng.getstate()  # _prepare draws seeds: validate without using them
         lens = []
-        try:  # every request is checked before any replica runs
+        try:  # every request is checked before any replica runs (preparing changes nothing)
             for i, (p, sp, tok) in enumerate(zip(prompts, sps, ids)):
-                prepared = first._prepare(f"_check-{i}", p, sp, tok)
+                prepared = first.prepare_request(f"_check-{i}", p, sp, prompt_token_ids=tok)
                 lens.append(len(prepared.prompt_ids))
                 if isinstance(p, str) and tok is None:  # tokenize once
                     ids[i] = prepared.prompt_ids
         except (ValueError, TypeError) as e:
             raise type(e)(f"prompt {i}: {e}") from None
-        finally:
-            first._rng.setstate(rng_state)
 
         def cost(i: int) -> float:
             sp = sps[i]

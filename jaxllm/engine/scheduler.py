@@ -141,6 +141,21 @@ class SchedulerOutput:
         return [q - 1 for q in self.query_start_loc()[1:]]
 
 
+@dataclass
+class _Plan:
+    """One step being planned: the token budget left and what was scheduled so far."""
+
+    budget: int
+    decodes: list[ScheduledSequence] = field(default_factory=list)
+    prefills: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.decodes) + len(self.prefills)
+
+
 class Scheduler:
     """FCFS continuous-batching scheduler with chunked prefill and recompute preemption.
 
@@ -262,28 +277,42 @@ class Scheduler:
         """Plan one step (see the module docstring). Must be followed by :meth:`update`."""
         if self._pending is not None:
             raise RuntimeError("schedule() called again before update() of the previous output")
-        alloc = self.allocator
-        budget = self.max_num_batched_tokens
-        decodes: list[ScheduledSequence] = []
-        prefills: list[ScheduledSequence] = []
-        preempted: list[str] = []
-        ignored: list[str] = []
+        plan = _Plan(budget=self.max_num_batched_tokens)
+        self._schedule_decodes(plan)
+        self._schedule_partial_prefills(plan)
+        if not plan.preempted or not plan.num_seqs:
+            self._admit_waiting(plan)
+        out = SchedulerOutput(
+            scheduled_seqs=plan.decodes + plan.prefills,
+            num_decode_tokens=len(plan.decodes),
+            num_prefill_tokens=sum(e.num_tokens for e in plan.prefills),
+            blocks_to_copy=self.allocator.take_pending_copies(),
+            preempted_request_ids=plan.preempted,
+            ignored_request_ids=plan.ignored,
+            block_size=self.block_size,
+        )
+        if out.scheduled_seqs:
+            self._pending = out
+        return out
 
-        # 1. Decodes, oldest request first; preempt the newest request until they fit.
+    def _schedule_decodes(self, plan: "_Plan") -> None:
+        """Decodes, oldest request first; preempt the newest request until they fit."""
+        alloc = self.allocator
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and plan.budget > 0:
             group = self.running[i]
-            seqs = [s for s in group.seqs if s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens == 1]
+            seqs = [s for s in group.seqs
+                    if s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens == 1]
             if not seqs:
                 i += 1
                 continue
-            if len(seqs) > budget or len(decodes) + len(prefills) + len(seqs) > self.max_num_seqs:
+            if len(seqs) > plan.budget or plan.num_seqs + len(seqs) > self.max_num_seqs:
                 break
             self_preempted = False
             while alloc.num_blocks_to_append_all(seqs, 1) > alloc.num_free_blocks:
                 victim = self.running[-1]
                 self._preempt(victim)
-                preempted.append(victim.request_id)
+                plan.preempted.append(victim.request_id)
                 if victim is group:
                     self_preempted = True
                     break
@@ -291,74 +320,65 @@ class Scheduler:
                 break
             for s in seqs:
                 alloc.append_slots(s, 1)
-                decodes.append(self._entry(s, 1, is_prefill=False))
-            budget -= len(seqs)
+                plan.decodes.append(self._entry(s, 1, is_prefill=False))
+            plan.budget -= len(seqs)
             i += 1
 
-        # 2. Continue partially prefilled sequences.
+    def _schedule_partial_prefills(self, plan: "_Plan") -> None:
+        """Continue partially prefilled sequences."""
+        alloc = self.allocator
         for group in self.running:
-            if budget == 0:
+            if plan.budget == 0:
                 break
             for s in group.seqs:
-                if budget == 0 or len(decodes) + len(prefills) >= self.max_num_seqs:
+                if plan.budget == 0 or plan.num_seqs >= self.max_num_seqs:
                     break
                 if s.status is not SequenceStatus.RUNNING or s.num_uncomputed_tokens <= 1:
                     continue
-                n = min(s.num_uncomputed_tokens, budget)
+                n = min(s.num_uncomputed_tokens, plan.budget)
                 if not alloc.can_append(s, n):
                     continue
                 alloc.append_slots(s, n)
-                prefills.append(self._entry(s, n, is_prefill=True))
-                budget -= n
+                plan.prefills.append(self._entry(s, n, is_prefill=True))
+                plan.budget -= n
 
-        # 3. Admit waiting requests, FCFS.
-        if not preempted or not (decodes or prefills):
-            seats = sum(g.max_num_running_seqs for g in self.running)
-            while self.waiting and budget > 0:
-                group = self.waiting[0]
-                seqs = group.get_unfinished_seqs()
-                if self._never_fits(seqs):
-                    self.waiting.popleft()
-                    self._finish_group(group, SequenceStatus.FINISHED_IGNORED)
-                    ignored.append(group.request_id)
-                    continue
-                if seats + group.max_num_running_seqs > self.max_num_seqs:
-                    break
-                if len(decodes) + len(prefills) + len(seqs) > self.max_num_seqs:
-                    break
-                if not self.enable_chunked_prefill and sum(s.num_tokens for s in seqs) > budget:
-                    break  # (an upper bound: cache hits would make it smaller)
-                use_cache = group.use_prefix_cache
-                if sum(alloc.num_blocks_to_allocate(s, use_cache) for s in seqs) > alloc.num_free_blocks:
-                    break
+    def _admit_waiting(self, plan: "_Plan") -> None:
+        """Admit waiting requests, first come first served, while seats, tokens and pages
+        last; a request that could never fit ends ``FINISHED_IGNORED``."""
+        alloc = self.allocator
+        seats = sum(g.max_num_running_seqs for g in self.running)
+        while self.waiting and plan.budget > 0:
+            group = self.waiting[0]
+            seqs = group.get_unfinished_seqs()
+            if self._never_fits(seqs):
                 self.waiting.popleft()
-                for s in seqs:
-                    cached = alloc.allocate(s, use_cache)
-                    s.num_computed_tokens = cached
-                    s.num_cached_tokens = cached
-                    s.status = SequenceStatus.RUNNING
-                bisect.insort(self.running, group, key=lambda g: g.arrival_order)
-                seats += group.max_num_running_seqs
-                for s in seqs:
-                    n = min(s.num_uncomputed_tokens, budget)
-                    if n == 0:
-                        break  # allocated; its prefill starts next step
-                    alloc.append_slots(s, n)  # no-op for fresh blocks; kept for uniformity
-                    prefills.append(self._entry(s, n, is_prefill=True))
-                    budget -= n
-
-        out = SchedulerOutput(
-            scheduled_seqs=decodes + prefills,
-            num_decode_tokens=len(decodes),
-            num_prefill_tokens=sum(e.num_tokens for e in prefills),
-            blocks_to_copy=alloc.take_pending_copies(),
-            preempted_request_ids=preempted,
-            ignored_request_ids=ignored,
-            block_size=self.block_size,
-        )
-        if out.scheduled_seqs:
-            self._pending = out
-        return out
+                self._finish_group(group, SequenceStatus.FINISHED_IGNORED)
+                plan.ignored.append(group.request_id)
+                continue
+            if seats + group.max_num_running_seqs > self.max_num_seqs:
+                break
+            if plan.num_seqs + len(seqs) > self.max_num_seqs:
+                break
+            if not self.enable_chunked_prefill and sum(s.num_tokens for s in seqs) > plan.budget:
+                break  # (an upper bound: cache hits would make it smaller)
+            use_cache = group.use_prefix_cache
+            if sum(alloc.num_blocks_to_allocate(s, use_cache) for s in seqs) > alloc.num_free_blocks:
+                break
+            self.waiting.popleft()
+            for s in seqs:
+                cached = alloc.allocate(s, use_cache)
+                s.num_computed_tokens = cached
+                s.num_cached_tokens = cached
+                s.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, group, key=lambda g: g.arrival_order)
+            seats += group.max_num_running_seqs
+            for s in seqs:
+                n = min(s.num_uncomputed_tokens, plan.budget)
+                if n == 0:
+                    break  # allocated; its prefill starts next step
+                alloc.append_slots(s, n)  # no-op for fresh blocks; kept for uniformity
+                plan.prefills.append(self._entry(s, n, is_prefill=True))
+                plan.budget -= n
 
     def update(
         self,
@@ -398,6 +418,13 @@ class Scheduler:
                 seq.append_token(int(token))
                 new_token_seqs.append(seq)
         return new_token_seqs
+
+    def discard(self, output: SchedulerOutput) -> None:
+        """``output``'s step never ran (the device step raised): forget it so that
+        :meth:`schedule` may run again.  Its sequences keep their slots; the caller aborts
+        the requests whose KV was lost."""
+        if output is self._pending:
+            self._pending = None
 
     # ------------------------------------------------------------------ multi-step decode
     def reserve_lookahead(self, output: SchedulerOutput, num_slots: Mapping[int, int]) -> list[tuple[int, int]] | None:

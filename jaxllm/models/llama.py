@@ -2,10 +2,10 @@
 
 The model is its parameter pytree (layout in ``docs/design.md``) plus the
 functions below; there is no hidden state.  Attention is injected as an
-``attend(q, k, v, layer_cache) -> (out, layer_cache)`` callable so the same
-layer code serves training (no cache), static-batch generation (dense cache)
-and the paged engine (page pool) -- each caller builds its ``attend`` from
-``jaxllm.attention``.
+``attend(q, k, v, cache, layer) -> (out, cache)`` callable so the same layer loop
+serves training (no cache), static-batch generation (dense cache per layer), the
+paged engine (one page pool shared by all layers) and profiling -- each caller
+builds its ``attend`` from ``jaxllm.attention``.
 
 Layers run either under ``lax.scan`` over stacked weights (flat compile time
 in depth) or unrolled over a list of per-layer dicts (XLA fuses across layers
@@ -23,10 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cpu_kernels
 from jaxllm.config import ModelConfig
+from jaxllm.quant import QuantizedArray
 
 Params = dict[str, Any]
-AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+# attend(q [B,T,Hq,D], k, v [B,T,Hkv,D], cache, layer) -> (out [B,T,Hq,D], cache); ``layer``
+# is the layer index: a Python int when unrolled, a traced int32 under scan.
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, Any]]
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 BIAS_KEYS = ("bq", "bk", "bv")
@@ -92,9 +96,9 @@ FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("
 def fuse_projections(params: Params) -> Params:
     """Inference layout: ``wq|wk|wv -> wqkv`` (``bq|bk|bv -> bqkv``) and ``w_gate|w_up ->
     w_gate_up``, concatenated on the output axis, so a layer runs 4 weight matmuls instead
-    of 7.  At batch 1 on CPU a small matrix-vector product is overhead-bound (576x192:
-    13 GB/s vs 28 GB/s for large ones); fused, SmolLM2 decodes ~7% faster.  The layer
-    code accepts either layout; training, LoRA and sharding use the separate weights."""
+    of 7: at batch 1 a small matrix-vector product is overhead-bound on CPU, so fewer,
+    larger ones decode faster (docs/benchmarks.md).  The layer code accepts either
+    layout; training, LoRA and sharding use the separate weights."""
     def fuse(lp: dict) -> dict:
         if "wq" not in lp or any(f"{k}_lora_a" in lp for k in LORA_TARGETS):
             return lp
@@ -205,12 +209,20 @@ LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 def matmul(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
-    """``x @ w`` in ``out_dtype`` (default ``x``'s dtype).  Low-precision (bf16) operands
-    multiply with a float32 product: more exact, and on XLA:CPU the bf16 x bf16 -> f32 dot
-    is the fast one (576x3072 weights, 512 rows: 4.8 ms vs 10.5 ms bf16 -> bf16 and 9.1 ms
-    in f32) -- but only with >= 2 rows (1 row: 0.71 ms vs 0.19 ms f32; a 49152-wide head
-    44 ms vs 3.9 ms for 2 rows), so on CPU a single row is padded to two (XLA's cost
-    analysis then counts two rows)."""
+    """``x @ w`` in ``out_dtype`` (default ``x``'s dtype); ``w`` (or, for the vocab-major
+    LM head, ``x``) may be a ``jaxllm.quant.QuantizedArray``.
+
+    The one matmul entry point: small-M (decode) products go to the C++ CPU kernel where
+    it measured faster (``cpu_kernels.matmul_applies``).  Low-precision (bf16) operands
+    multiply with a float32 product: more exact, and XLA:CPU's fast bf16 dot -- but only
+    with >= 2 rows, so on CPU a single row is padded to two (timings: docs/kernels.md).
+    """
+    if cpu_kernels.matmul_applies(math.prod(x.shape[:-1]), w):
+        return cpu_kernels.matmul(x, w).astype(out_dtype or x.dtype)
+    if isinstance(w, QuantizedArray):  # XLA path: dequantize, then the float dot (fused on GPU)
+        w = w.dequantize()
+    if isinstance(x, QuantizedArray):  # the vocab-major LM head passes the weight first
+        x = x.dequantize()
     if x.dtype == jnp.float32 and w.dtype == jnp.float32:
         return (x @ w).astype(out_dtype or x.dtype)
     lead, k = x.shape[:-1], x.shape[-1]
@@ -253,7 +265,7 @@ def _lora_delta(x: jax.Array, lp: Params, name: str) -> jax.Array:
 
 
 def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
-           layer_cache: Any, attend: AttendFn) -> tuple[jax.Array, Any]:
+           layer_cache: Any, attend: AttendFn, index: Any = 0) -> tuple[jax.Array, Any]:
     b, t, _ = x.shape
     hd = cfg.head_dim
     with jax.named_scope("attention"):
@@ -275,7 +287,7 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.
             k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
         v = v.reshape(b, t, cfg.num_kv_heads, hd)
         with jax.named_scope("attend"):
-            out, layer_cache = attend(q, k, v, layer_cache)
+            out, layer_cache = attend(q, k, v, layer_cache, index)
         with jax.named_scope("o_proj"):
             x = x + linear(out.reshape(b, t, cfg.num_heads * hd).astype(x.dtype), lp, "wo")
     with jax.named_scope("mlp"):
@@ -293,41 +305,72 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             attend: AttendFn, layer_caches: Any = None,
-            remat_policy: Callable | None = None) -> tuple[jax.Array, Any]:
+            remat_policy: Callable | None = None, *,
+            shared_cache: bool = False) -> tuple[jax.Array, Any]:
     """Run the decoder: ``tokens, positions [B, T]`` -> (final-normed hidden ``[B,T,D]``, caches).
 
-    ``layer_caches`` matches ``params["layers"]``: a pytree stacked on a leading
-    layer axis when scanning, a list when unrolled, or None.  ``remat_policy``
-    (training) wraps each layer in ``jax.checkpoint`` with that policy.
+    ``layer_caches`` matches ``params["layers"]``: a pytree stacked on a leading layer
+    axis when scanning, a list when unrolled, or None.  With ``shared_cache`` it is ONE
+    cache that every layer's ``attend`` receives and returns whole (the paged engine's
+    page pool; ``attend`` finds the layer's pages from its index): under ``scan`` it
+    rides in the carry, so XLA updates it in place instead of slicing it per layer.
+    ``remat_policy`` (training) wraps each layer in ``jax.checkpoint`` with that policy.
     """
     with jax.named_scope("embed"):
         x = params["embed"][tokens]
     cos, sin = rope_cos_sin(cfg, positions)
 
-    def layer(x, lp, cache):
-        return _layer(cfg, lp, x, cos, sin, cache, attend)
+    def layer(x, lp, cache, i):
+        return _layer(cfg, lp, x, cos, sin, cache, attend, i)
 
     if remat_policy is not None:
         layer = jax.checkpoint(layer, policy=remat_policy)
-
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        caches = layer_caches if layer_caches is not None else [None] * len(layers)
-        new_caches = []
-        for i, (lp, cache) in enumerate(zip(layers, caches)):
-            with jax.named_scope(f"layer_{i}"):
-                x, cache = layer(x, lp, cache)
-            new_caches.append(cache)
-    else:
-        def body(x, xs):
-            lp, cache = xs
-            with jax.named_scope("layer"):
-                return layer(x, lp, cache)
-
-        x, new_caches = jax.lax.scan(body, x, (layers, layer_caches))
+    run = _unrolled if isinstance(params["layers"], (list, tuple)) else _scanned
+    if run is _unrolled and remat_policy is None:
+        # one jitted layer called L times: traced and lowered once instead of L times (a
+        # 30-layer step: 3x faster to trace, a 4x smaller module); XLA inlines the calls
+        layer_jit = jax.jit(layer)
+        layer = lambda x, lp, cache, i: layer_jit(x, lp, cache, jnp.int32(i))  # noqa: E731
+    x, new_caches = run(layer, x, params["layers"], layer_caches, shared_cache)
     with jax.named_scope("final_norm"):
         x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return x, new_caches
+
+
+def _unrolled(layer: Callable, x: jax.Array, layers: list, caches: Any, shared: bool):
+    """Layers as a Python loop over per-layer weights (``layer_i`` scopes)."""
+    if not shared:
+        caches = caches if caches is not None else [None] * len(layers)
+        new = []
+    for i, lp in enumerate(layers):
+        with jax.named_scope(f"layer_{i}"):
+            if shared:
+                x, caches = layer(x, lp, caches, i)
+            else:
+                x, c = layer(x, lp, caches[i], i)
+                new.append(c)
+    return x, caches if shared else new
+
+
+def _scanned(layer: Callable, x: jax.Array, layers: Params, caches: Any, shared: bool):
+    """Layers under ``lax.scan`` over stacked weights; a shared cache rides in the carry,
+    per-layer caches are scanned over with the weights."""
+    index = jnp.arange(jax.tree.leaves(layers)[0].shape[0], dtype=jnp.int32)
+    if shared:
+        def shared_body(carry, xs):
+            (x, cache), (lp, i) = carry, xs
+            with jax.named_scope("layer"):
+                return layer(x, lp, cache, i), None
+
+        (x, caches), _ = jax.lax.scan(shared_body, (x, caches), (layers, index))
+        return x, caches
+
+    def body(x, xs):
+        lp, cache, i = xs
+        with jax.named_scope("layer"):
+            return layer(x, lp, cache, i)
+
+    return jax.lax.scan(body, x, (layers, caches, index))
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
@@ -335,8 +378,8 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
     """Project hidden states to float32 logits (tied embeddings when there is no ``lm_head``).
 
     ``vocab_major``: for ``hidden [N, D]`` return ``[V, N]`` (``W^T @ hidden^T``): the
-    product XLA:CPU computes without transposing a ``[N, V]`` result (32 rows x 49152:
-    15.8 -> 11.5 ms with the greedy pick; used by the greedy decode step)."""
+    product XLA:CPU computes without transposing a ``[N, V]`` result (used by the greedy
+    decode step; measured in docs/benchmarks.md)."""
     with jax.named_scope("lm_head"):
         w = params["lm_head"] if "lm_head" in params else params["embed"].T
         if vocab_major:
@@ -349,7 +392,7 @@ def full_attention_fn(cfg: ModelConfig, segment_ids: jax.Array | None = None,
     """``attend`` for a whole sequence with no cache (training, scoring, no-cache baseline)."""
     from jaxllm.attention import attention
 
-    def attend(q, k, v, cache):
+    def attend(q, k, v, cache, layer):
         out = attention(q, k, v, causal=True, segment_ids=segment_ids,
                         sliding_window=cfg.sliding_window, impl=impl)
         return out, cache

@@ -1,0 +1,276 @@
+"""What crosses the jit boundary of one engine step, and how the host packs it.
+
+The scheduler lists decodes (one token each) before prefill chunks.  The host packs the
+step's tokens flat in that order, ``D`` decode rows then ``P`` prefill-chunk tokens, and
+pads every array to a bucket so the set of compiled programs stays small.  Sample rows:
+one per decode, one per prefill sequence that reaches the end of its known tokens (a
+request with n > 1 samples its first n tokens from one prefill row).
+
+Shapes: ``T = D + P`` flat tokens, ``S`` prefill sequences, ``R = D + S`` sample rows,
+``W = pow2(ceil(max_model_len / page_size))`` block-table width, ``C`` page copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from jaxllm.cache.block_allocator import slot_mapping_array
+from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.sampling import SamplerFlags, SamplingTensors
+
+__all__ = ["RowParams", "SampleRow", "StepSpec", "StepInputs", "pack_inputs", "PAD_SLOT"]
+
+PAD_SLOT = -1  # padding tokens write nowhere (write_kv_pages drops slot < 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowParams:
+    """Per-sequence sampling settings, fixed for the sequence's life (built once)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+    min_tokens: int = 0
+    stop_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) + stop_token_ids
+    logprobs: int = -1  # top-k log-probs to return per token; -1: none, 0: chosen only
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+
+_PAD_ROW = RowParams()
+
+
+class SampleRow(NamedTuple):
+    """One row to sample this step: a sequence (or one of a request's n first samples)."""
+
+    params: RowParams
+    step: int  # tokens the sequence has generated so far (seed stream; min_tokens)
+    max_new: int = 1  # tokens it may still produce (bounds multi-step decode)
+    output_ids: Sequence[int] = ()  # for penalties
+    prompt_ids: Sequence[int] = ()  # for the repetition penalty
+
+
+class StepSpec(NamedTuple):
+    """The static part of a step: one compiled program per distinct value."""
+
+    num_decodes: int  # D: decode rows
+    num_prefill_tokens: int  # P: prefill-chunk rows (0: decode-only step)
+    num_prefill_seqs: int  # S: prefill sequences / their sample rows (0 when P == 0)
+    num_steps: int  # tokens per dispatch (decode-only)
+    flags: SamplerFlags
+    logprobs: int  # -1 none, else top-k width (0: chosen only)
+    prompt_logprobs: int  # -1 none
+    num_copies: int
+    stop_width: int
+    penalty_lens: tuple[int, int]  # (output ids, prompt ids) widths; (0, 0) without penalties
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_prefill_tokens == 0
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_decodes + self.num_prefill_seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decodes + self.num_prefill_tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    """Device arrays of one step (a pytree).  Fields a step's spec does not use are None."""
+
+    input_ids: np.ndarray  # [T] int32 token fed at each flat row
+    positions: np.ndarray  # [T] int32 its position in its sequence
+    slot_mapping: np.ndarray  # [T] int32 pool slot its K/V goes to (PAD_SLOT: nowhere)
+    logits_idx: np.ndarray  # [R] int32 flat row whose logits sample row r
+    sampling: SamplingTensors  # [R] each: temperature, top-k/p, min-p, penalties, seed
+    step: np.ndarray  # [R] int32 tokens the row's sequence generated so far
+    max_new: np.ndarray  # [R] int32 tokens it may still produce (multi-step decode)
+    min_tokens: np.ndarray  # [R] int32 stop ids are suppressed while step < min_tokens
+    stop_ids: np.ndarray  # [R, stop_width] int32 (-1: padding)
+    dec_tables: np.ndarray | None = None  # [D, W] int32 pages of each decode row (rows
+    #                                       sorted by context length, padding first)
+    dec_kv_lens: np.ndarray | None = None  # [D] int32 context after the step (0: pad)
+    pf_tables: np.ndarray | None = None  # [S, W] int32 pages of each prefilling sequence
+    pf_cu_q_lens: np.ndarray | None = None  # [S+1] int32 its chunk: rows cu[s]:cu[s+1] of P
+    pf_kv_lens: np.ndarray | None = None  # [S] int32 its context after the step
+    pen_out_ids: np.ndarray | None = None  # [R, penalty_lens[0]] int32 (vocab: padding)
+    pen_prompt_ids: np.ndarray | None = None  # [R, penalty_lens[1]] int32
+    copy_src: np.ndarray | None = None  # [C] int32 copy-on-write page copies src -> dst
+    copy_dst: np.ndarray | None = None  # [C] int32
+    next_ids: np.ndarray | None = None  # [P] int32 prompt token after each fed token (-1)
+
+
+class TokenLayout(NamedTuple):
+    """Host-only bookkeeping of where each scheduled entry landed."""
+
+    dec_rows: np.ndarray  # [num decodes] the flat/sample row of decode entry i
+    last: np.ndarray  # [num entries] flat index of each entry's last fed token
+
+
+# ------------------------------------------------------------------------------ packing
+
+def pack_inputs(spec: StepSpec, out: SchedulerOutput, rows: list[list[SampleRow]],
+                table_width: int, page_size: int, vocab_size: int, *,
+                copies: Sequence[tuple[int, int]] = (),
+                prompt_lp: Sequence[int] | None = None,
+                prompt_next_ids: Sequence[Sequence[int] | None] | None = None,
+                block_tables: Sequence[Sequence[int]] | None = None
+                ) -> tuple[StepInputs, TokenLayout]:
+    """The arrays of one step (``rows[i]``: the sample rows of scheduled entry ``i``)."""
+    tok, layout = _pack_tokens(spec, out, table_width, page_size, block_tables)
+    flat = _flat_rows(spec, out, rows, layout)
+    inputs = StepInputs(**tok, **_pack_sampling(spec, flat, layout.last, out, rows))
+    if spec.flags.penalties:
+        inputs.pen_out_ids, inputs.pen_prompt_ids = _pack_penalties(spec, flat, vocab_size)
+    if spec.num_copies:
+        inputs.copy_src, inputs.copy_dst = _pack_copies(spec.num_copies, copies)
+    if spec.prompt_logprobs >= 0:
+        inputs.next_ids = _pack_next_ids(spec, out, prompt_lp, prompt_next_ids)
+    return inputs, layout
+
+
+def _pack_tokens(spec: StepSpec, out: SchedulerOutput, W: int, page_size: int,
+                 block_tables) -> tuple[dict, TokenLayout]:
+    """Token rows, positions, slots and the attention metadata of both parts."""
+    seqs, nd = out.scheduled_seqs, out.num_decode_tokens
+    D, P, S = spec.num_decodes, spec.num_prefill_tokens, spec.num_prefill_seqs
+    T = D + P
+    ids, pos = np.zeros(T, np.int32), np.zeros(T, np.int32)
+    tabs = np.zeros((len(seqs), W), np.int32)
+    row_of = np.zeros(T, np.int64)  # entry of each flat token
+    last = np.zeros(len(seqs), np.int32)
+    # decode rows sorted by context length, padding first: the decode attention runs in
+    # groups of rows and each group costs (rows x its longest context)
+    order = sorted(range(nd), key=lambda i: seqs[i].end_pos)
+    drow = np.zeros(nd, np.int64)
+    drow[order] = np.arange(D - nd, D)
+    pf_cu, pf_kv = np.zeros(S + 1, np.int32), np.zeros(S, np.int32)
+    c = D
+    for i, e in enumerate(seqs):
+        table = e.block_table if block_tables is None else block_tables[i]
+        n = min(len(table), W)
+        tabs[i, :n] = table[:n]
+        if i < nd:
+            r = drow[i]
+            ids[r], pos[r], row_of[r], last[i] = e.token_ids[0], e.start_pos, i, r
+        else:
+            k = e.num_tokens
+            ids[c:c + k] = e.token_ids
+            pos[c:c + k] = np.arange(e.start_pos, e.start_pos + k)
+            row_of[c:c + k] = i
+            pf_kv[i - nd] = e.end_pos
+            c += k
+            pf_cu[i - nd + 1] = c - D
+            last[i] = c - 1
+    pf_cu[len(seqs) - nd + 1:] = c - D
+    live = np.zeros(T, bool)
+    live[D - nd:D] = True
+    live[D:c] = True
+    slots = np.full(T, PAD_SLOT, np.int32)
+    slots[live] = slot_mapping_array(tabs[row_of[live]], pos[live], page_size)
+    arrays = dict(input_ids=ids, positions=pos, slot_mapping=slots)
+    if D:
+        dec_t, dec_kv = np.zeros((D, W), np.int32), np.zeros(D, np.int32)
+        dec_t[drow] = tabs[:nd]
+        dec_kv[drow] = [e.end_pos for e in seqs[:nd]]
+        arrays.update(dec_tables=dec_t, dec_kv_lens=dec_kv)
+    if P:
+        pf_t = np.zeros((S, W), np.int32)
+        pf_t[:len(seqs) - nd] = tabs[nd:]
+        arrays.update(pf_tables=pf_t, pf_cu_q_lens=pf_cu, pf_kv_lens=pf_kv)
+    return arrays, TokenLayout(drow, last)
+
+
+def _flat_rows(spec: StepSpec, out: SchedulerOutput, rows: list[list[SampleRow]],
+               layout: TokenLayout) -> list[tuple[int, SampleRow]]:
+    """``(sample row index, row)`` of every real sample row: decode ``i`` samples at its
+    flat row, prefill rows follow from ``D`` on."""
+    nd, flat, r_pf = out.num_decode_tokens, [], spec.num_decodes
+    for i, rs in enumerate(rows):
+        if i < nd:
+            assert len(rs) == 1, "a decode samples exactly one row"
+            flat.append((int(layout.dec_rows[i]), rs[0]))
+        else:
+            for r in rs:
+                flat.append((r_pf, r))
+                r_pf += 1
+    return flat
+
+
+def _pack_sampling(spec: StepSpec, flat: list[tuple[int, SampleRow]], last: np.ndarray,
+                   out: SchedulerOutput, rows: list[list[SampleRow]]) -> dict:
+    R = spec.num_rows
+    logits_idx = np.zeros(R, np.int32)
+    entry_of = [i for i, rs in enumerate(rows) for _ in rs]  # entry of each flat row
+    for (k, _), i in zip(flat, entry_of):
+        logits_idx[k] = last[i]
+    prm = [_PAD_ROW] * R
+    step, max_new = np.zeros(R, np.int32), np.ones(R, np.int32)
+    stop_ids = np.full((R, spec.stop_width), -1, np.int32)
+    for k, r in flat:
+        prm[k], step[k], max_new[k] = r.params, r.step, r.max_new
+        stop_ids[k, :len(r.params.stop_ids)] = r.params.stop_ids
+
+    def col(f, dtype):
+        return np.asarray([f(q) for q in prm], dtype)
+
+    sampling = SamplingTensors(
+        temperature=col(lambda q: q.temperature, np.float32),
+        top_k=col(lambda q: q.top_k, np.int32), top_p=col(lambda q: q.top_p, np.float32),
+        min_p=col(lambda q: q.min_p, np.float32),
+        repetition_penalty=col(lambda q: q.repetition_penalty, np.float32),
+        presence_penalty=col(lambda q: q.presence_penalty, np.float32),
+        frequency_penalty=col(lambda q: q.frequency_penalty, np.float32),
+        seed=col(lambda q: q.seed & 0xFFFFFFFF, np.uint32))
+    return dict(logits_idx=logits_idx, sampling=sampling, step=step, max_new=max_new,
+                min_tokens=col(lambda q: q.min_tokens, np.int32), stop_ids=stop_ids)
+
+
+def _pack_penalties(spec: StepSpec, flat: list[tuple[int, SampleRow]],
+                    vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    lo, lp = spec.penalty_lens
+    out_ids = np.full((spec.num_rows, lo), vocab, np.int32)  # vocab: dropped by the scatter
+    prompt_ids = np.full((spec.num_rows, lp), vocab, np.int32)
+    for k, r in flat:
+        if r.params.penalties:
+            out_ids[k, :len(r.output_ids)] = r.output_ids
+            prompt_ids[k, :len(r.prompt_ids)] = r.prompt_ids
+    return out_ids, prompt_ids
+
+
+def _pack_copies(width: int, copies: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    src, dst = np.zeros(width, np.int32), np.zeros(width, np.int32)  # 0 -> 0: a no-op
+    if copies:
+        src[:len(copies)], dst[:len(copies)] = zip(*copies)
+    return src, dst
+
+
+def _pack_next_ids(spec: StepSpec, out: SchedulerOutput, prompt_lp, prompt_next_ids) -> np.ndarray:
+    nxt = np.full(spec.num_prefill_tokens, -1, np.int32)
+    c, nd = 0, out.num_decode_tokens
+    for i, e in enumerate(out.scheduled_seqs[nd:], start=nd):
+        nx = prompt_next_ids[i] if prompt_next_ids is not None else None
+        if nx is not None and prompt_lp[i] >= 0:
+            nxt[c:c + e.num_tokens] = nx
+        c += e.num_tokens
+    return nxt
