@@ -114,8 +114,7 @@ class ModelRunner:
         self.num_dispatches = 0
         self.specs_seen: set[StepSpec] = set()
         # decode programs compiled ahead of time, in a background thread, while the prefill
-        # that precedes them runs (a cold compile costs seconds; the first step's wait
-        # for its device result is idle host time)
+        # that precedes them is traced, compiled and run (a cold compile costs seconds)
         self._ahead: dict[StepSpec, concurrent.futures.Future] = {}
         self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -228,6 +227,8 @@ class ModelRunner:
         spec, inputs, layout = self.build(out, rows, prompt_lp, prompt_next_ids, num_steps,
                                           extra_copies, block_tables)
         self.specs_seen.add(spec)
+        if not spec.decode_only:  # start on the decode program before this step's own
+            self._compile_ahead(self._next_decode_spec(spec, out, rows))
         program = self._program(spec)
         caches = self.pool.caches
         self.pool.caches = None  # donated: never touch the old buffers again
@@ -238,8 +239,6 @@ class ModelRunner:
             raise
         self.pool.caches = caches
         self.num_dispatches += 1
-        if not spec.decode_only:
-            self._compile_ahead(self._next_decode_spec(spec, out, rows))
         return self._unpack(out, rows, spec, jax.device_get(res), inputs, layout.dec_rows)
 
     def _program(self, spec: StepSpec):

@@ -6,8 +6,8 @@
 (30, (30, 576, 576))
 
 ``load_model`` dispatches on the path (``.gguf`` file vs HF directory), casts every
-tensor to ``dtype`` as it is read, and caches the converted result with orbax
-(:mod:`jaxllm.weights.checkpoint`) so the next load is a plain restore.  The params
+tensor to ``dtype`` as it is read, and caches the converted result
+(:mod:`jaxllm.weights.checkpoint`) so the next load is a plain read.  The params
 layout is documented in docs/design.md.
 """
 
@@ -73,7 +73,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: Any = "float32",
     directory written by ``jaxllm quantize`` (``None``: the default model).
 
     ``dtype``: ``"float32"``, ``"bfloat16"`` (``ml_dtypes.bfloat16`` arrays) or
-    ``"float16"``.  ``use_cache``: read/write the orbax cache of converted params.
+    ``"float16"``.  ``use_cache``: read/write the cache of converted params.
     ``progress``: force the tqdm bar on/off (default: on for large or slow loads, off
     with ``JAXLLM_NO_PROGRESS=1``).  ``gguf_blocks``: keep a GGUF file's Q8_0 / Q4_0 /
     Q4_1 weights quantized in their block layout (:mod:`jaxllm.weights.gguf_blocks`; no
