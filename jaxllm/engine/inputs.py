@@ -125,6 +125,7 @@ class TokenLayout(NamedTuple):
 
     dec_rows: np.ndarray  # [num decodes] the flat/sample row of decode entry i
     last: np.ndarray  # [num entries] flat index of each entry's last fed token
+    sample_rows: tuple[tuple[int, ...], ...] = ()  # per entry: the sample rows it owns
 
 
 # ------------------------------------------------------------------------------ packing
@@ -138,8 +139,9 @@ def pack_inputs(spec: StepSpec, out: SchedulerOutput, rows: list[list[SampleRow]
                 ) -> tuple[StepInputs, TokenLayout]:
     """The arrays of one step (``rows[i]``: the sample rows of scheduled entry ``i``)."""
     tok, layout = _pack_tokens(spec, out, table_width, page_size, block_tables)
-    flat = _flat_rows(spec, out, rows, layout)
-    inputs = StepInputs(**tok, **_pack_sampling(spec, flat, layout.last, out, rows))
+    layout = layout._replace(sample_rows=_sample_rows(spec, out, rows, layout.dec_rows))
+    flat = [(k, r) for ks, rs in zip(layout.sample_rows, rows) for k, r in zip(ks, rs)]
+    inputs = StepInputs(**tok, **_pack_sampling(spec, flat, layout))
     if spec.flags.penalties:
         inputs.pen_out_ids, inputs.pen_prompt_ids = _pack_penalties(spec, flat, vocab_size)
     if spec.num_copies:
@@ -201,29 +203,27 @@ def _pack_tokens(spec: StepSpec, out: SchedulerOutput, W: int, page_size: int,
     return arrays, TokenLayout(drow, last)
 
 
-def _flat_rows(spec: StepSpec, out: SchedulerOutput, rows: list[list[SampleRow]],
-               layout: TokenLayout) -> list[tuple[int, SampleRow]]:
-    """``(sample row index, row)`` of every real sample row: decode ``i`` samples at its
-    flat row, prefill rows follow from ``D`` on."""
-    nd, flat, r_pf = out.num_decode_tokens, [], spec.num_decodes
+def _sample_rows(spec: StepSpec, out: SchedulerOutput, rows: list[list[SampleRow]],
+                 dec_rows: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """Per scheduled entry, the sample-row indices of its ``rows``: decode ``i`` samples
+    at its flat row, prefill rows follow from ``D`` on."""
+    nd, r_pf, out_rows = out.num_decode_tokens, spec.num_decodes, []
     for i, rs in enumerate(rows):
         if i < nd:
             assert len(rs) == 1, "a decode samples exactly one row"
-            flat.append((int(layout.dec_rows[i]), rs[0]))
+            out_rows.append((int(dec_rows[i]),))
         else:
-            for r in rs:
-                flat.append((r_pf, r))
-                r_pf += 1
-    return flat
+            out_rows.append(tuple(range(r_pf, r_pf + len(rs))))
+            r_pf += len(rs)
+    return tuple(out_rows)
 
 
-def _pack_sampling(spec: StepSpec, flat: list[tuple[int, SampleRow]], last: np.ndarray,
-                   out: SchedulerOutput, rows: list[list[SampleRow]]) -> dict:
+def _pack_sampling(spec: StepSpec, flat: list[tuple[int, SampleRow]],
+                   layout: TokenLayout) -> dict:
     R = spec.num_rows
     logits_idx = np.zeros(R, np.int32)
-    entry_of = [i for i, rs in enumerate(rows) for _ in rs]  # entry of each flat row
-    for (k, _), i in zip(flat, entry_of):
-        logits_idx[k] = last[i]
+    for ks, last in zip(layout.sample_rows, layout.last):
+        logits_idx[list(ks)] = last
     prm = [_PAD_ROW] * R
     step, max_new = np.zeros(R, np.int32), np.ones(R, np.int32)
     stop_ids = np.full((R, spec.stop_width), -1, np.int32)

@@ -22,7 +22,8 @@ import numpy as np
 
 from jaxllm.cache.page_pool import PagePool
 from jaxllm.config import ModelConfig
-from jaxllm.engine.inputs import RowParams, SampleRow, StepInputs, StepSpec, pack_inputs
+from jaxllm.engine.inputs import (RowParams, SampleRow, StepInputs, StepSpec, TokenLayout,
+                                  pack_inputs)
 from jaxllm.engine.scheduler import ScheduledSequence, SchedulerOutput
 from jaxllm.engine.step import paged_step_jit
 from jaxllm.sampling import SamplerFlags
@@ -137,13 +138,10 @@ class ModelRunner:
         """Run every reachable bucket once with ``row``'s sampling (decode-only steps for
         each of ``num_steps``), so serving compiles nothing.  Writes only into the null
         page.  Returns how many step shapes ran."""
-        def dec(j):
-            return ScheduledSequence(-1 - j, "", (0,), 0, (0,), True, False)
-
         n = 0
         for d in self.decode_buckets:
             for k in num_steps:
-                out = SchedulerOutput([dec(j) for j in range(d)], num_decode_tokens=d,
+                out = SchedulerOutput(_null_decodes(d), num_decode_tokens=d,
                                       block_size=self.page_size)
                 self.execute(out, [[SampleRow(row, 0, k)] for _ in range(d)], num_steps=k)
                 n += 1
@@ -151,7 +149,7 @@ class ModelRunner:
             lens = [1] * (s - 1) + [p - (s - 1)]
             pf = [ScheduledSequence(-100 - j, "", (0,) * q, 0, (0,) * -(-q // self.page_size),
                                     True, True) for j, q in enumerate(lens)]
-            out = SchedulerOutput([dec(j) for j in range(d)] + pf, num_decode_tokens=d,
+            out = SchedulerOutput(_null_decodes(d) + pf, num_decode_tokens=d,
                                   num_prefill_tokens=p, block_size=self.page_size)
             self.execute(out, [[SampleRow(row, 0)] for _ in range(d + s)])
             n += 1
@@ -239,7 +237,7 @@ class ModelRunner:
             raise
         self.pool.caches = caches
         self.num_dispatches += 1
-        return self._unpack(out, rows, spec, jax.device_get(res), inputs, layout.dec_rows)
+        return self._unpack(out, spec, jax.device_get(res), inputs, layout)
 
     def _program(self, spec: StepSpec):
         """The step for ``spec``: compiled ahead of time if it was, else the jitted one."""
@@ -280,12 +278,9 @@ class ModelRunner:
         """``(params, caches, inputs)`` shaped like a real step of ``spec`` (no data)."""
         abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)  # noqa: E731
         caches = jax.tree.map(abstract, self.pool.caches)
-        greedy = RowParams()
-        decodes = [ScheduledSequence(-1 - j, "", (0,), 0, (0,), True, False)
-                   for j in range(spec.num_decodes)]
-        out = SchedulerOutput(decodes, num_decode_tokens=spec.num_decodes,
-                              block_size=self.page_size)
-        rows = [[SampleRow(greedy, 0, spec.num_steps)] for _ in decodes]
+        out = SchedulerOutput(_null_decodes(spec.num_decodes),
+                              num_decode_tokens=spec.num_decodes, block_size=self.page_size)
+        rows = [[SampleRow(RowParams(), 0, spec.num_steps)] for _ in range(spec.num_decodes)]
         inputs, _ = pack_inputs(spec, out, rows, self.table_width, self.page_size,
                                 self.cfg.vocab_size)
         return self.params, caches, inputs
@@ -301,21 +296,15 @@ class ModelRunner:
         spec, inputs, _ = self.build(out, rows, num_steps=num_steps)
         return paged_step_jit.lower(self.params, self.pool.caches, inputs, **self._static(spec))
 
-    def _unpack(self, out: SchedulerOutput, rows, spec: StepSpec, res: dict,
-                inputs: StepInputs, dec_rows: np.ndarray) -> StepResult:
+    def _unpack(self, out: SchedulerOutput, spec: StepSpec, res: dict, inputs: StepInputs,
+                layout: TokenLayout) -> StepResult:
         toks = res["tokens"]  # [n, R]
         lp = res.get("lp")
-        nd = out.num_decode_tokens
         tokens: list[list[list[int]]] = []
         logprobs: list[list[list[tuple]]] | None = [] if lp is not None else None
-        r_pf = spec.num_decodes
-        for i, rs in enumerate(rows):
+        for ks in layout.sample_rows:
             ent_t, ent_l = [], []
-            for _ in rs:
-                if i < nd:
-                    k = int(dec_rows[i])
-                else:
-                    k, r_pf = r_pf, r_pf + 1
+            for k in ks:
                 col = toks[:, k]
                 nv = int((col >= 0).sum()) if spec.num_steps > 1 else 1
                 ent_t.append([int(x) for x in col[:nv]])
@@ -327,6 +316,11 @@ class ModelRunner:
                 logprobs.append(ent_l)
         plp = _prompt_logprobs(out, res["plp"], inputs.next_ids) if "plp" in res else None
         return StepResult(tokens=tokens, logprobs=logprobs, prompt_logprobs=plp, spec=spec)
+
+
+def _null_decodes(n: int) -> list[ScheduledSequence]:
+    """``n`` placeholder decodes at position 0 of the null page (warm-up, compile-ahead)."""
+    return [ScheduledSequence(-1 - j, "", (0,), 0, (0,), True, False) for j in range(n)]
 
 
 def _prompt_logprobs(out: SchedulerOutput, plp: tuple, next_ids: np.ndarray) -> list:
