@@ -82,6 +82,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past end-of-sequence tokens (benchmarks)")
 
 
 def _sampling(args: argparse.Namespace):
@@ -90,7 +92,7 @@ def _sampling(args: argparse.Namespace):
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=args.stop)
+                          stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 def _load(args: argparse.Namespace, max_num_seqs: int = 64):

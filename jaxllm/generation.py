@@ -17,6 +17,7 @@ This is also the "static batching" baseline the paged engine is measured against
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from typing import Any, Sequence
@@ -24,7 +25,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jaxllm.attention import attention, cached_attention
 from jaxllm.config import ModelConfig
@@ -46,7 +46,8 @@ def cache_bucket(n: int, step: int = 128) -> int:
     return -(-n // step) * step
 
 
-@struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class DecodeState:
     """Everything the decode loop carries; a pytree so it can be donated whole."""
 
@@ -95,8 +96,8 @@ def _pick_and_advance(state: DecodeState, logits: jax.Array, flags: SamplerFlags
     counts = state.counts
     if counts is not None:
         counts = counts.at[rows, token].add(live.astype(counts.dtype))
-    return state.replace(last_token=token, out_tokens=out_tokens, num_generated=num_generated,
-                         done=done, counts=counts)
+    return dataclasses.replace(state, last_token=token, out_tokens=out_tokens,
+                               num_generated=num_generated, done=done, counts=counts)
 
 
 def _write_cache(cache, k, v, slot):
@@ -208,7 +209,7 @@ def decode_step(params, cfg: ModelConfig, state: DecodeState, flags: SamplerFlag
     """One token for every row: the body of :func:`decode`'s loop."""
     vm = _vocab_major(flags, state.last_token.shape[0], model)
     logits, caches = decode_logits(params, cfg, state, model, vm)
-    state = state.replace(caches=caches, slot=state.slot + 1)
+    state = dataclasses.replace(state, caches=caches, slot=state.slot + 1)
     return _pick_and_advance(state, logits, flags, vm)
 
 
@@ -284,7 +285,8 @@ class StaticBatch:
     def finish_rows(self, rows: Sequence[int]) -> None:
         """Stop rows from the host (a stop string matched)."""
         if rows:
-            self.state = self.state.replace(done=self.state.done.at[np.asarray(rows)].set(True))
+            done = self.state.done.at[np.asarray(rows)].set(True)
+            self.state = dataclasses.replace(self.state, done=done)
 
     @property
     def all_done(self) -> bool:

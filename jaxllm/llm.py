@@ -125,7 +125,8 @@ class LLM:
         if self.quantization is not None and self.quantization.method != "gguf":
             # after fusing: per-column scales concatenate
             params = quantize_params(params, self.quantization, DTYPES[self.dtype])
-        return None, jax.device_put(params)
+        # on CPU the (aligned, read-only) host arrays are used in place: no copy
+        return None, jax.device_put(params, may_alias=True)
 
     @property
     def engine(self) -> LLMEngine | DataParallelEngine:

@@ -16,7 +16,6 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 _NEG_INF = float("-inf")
 
@@ -139,7 +138,8 @@ class SamplerFlags(NamedTuple):
         )
 
 
-@struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class SamplingTensors:
     """Per-row sampling parameters as device arrays (rows beyond the requests are padding)."""
 

@@ -45,6 +45,7 @@ shared host is not filled with a zeroed cache by default.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from typing import Any
@@ -166,7 +167,8 @@ class PagePool:
     dtype: jnp.dtype
     stacked: bool
     model: Any = None  # a sharding.ShardedModel: the pool is laid out on its mesh
-    caches: Any = None
+    _caches: Any = dataclasses.field(default=None, repr=False)
+    _filling: Any = dataclasses.field(default=None, repr=False, compare=False)
     storage_dtype: jnp.dtype | None = None  # the arrays' dtype (None: ``dtype``)
     capacity: int | None = None  # pages in the arrays (>= num_pages; None: num_pages)
 
@@ -218,7 +220,7 @@ class PagePool:
         pool = cls(cfg=cfg, num_pages=int(num_pages), page_size=int(page_size), dtype=dtype,
                    stacked=stacked, model=model, storage_dtype=kv_storage_dtype(dtype, impl),
                    capacity=pool_bucket(int(num_pages)))
-        pool.caches = pool.zeros()
+        pool.fill_in_background()
         return pool
 
     @property
@@ -242,27 +244,62 @@ class PagePool:
                                                         self.model)
         return per_device * (1 if self.model is None else self.model.mesh.devices.size)
 
-    def zeros(self) -> Any:
+    def layout(self) -> Any:
+        """The pool's pytree of ``jax.ShapeDtypeStruct`` (shapes, dtypes, shardings): what
+        :meth:`zeros` allocates and what programs are compiled for, without the arrays."""
         n, dt = self.cfg.num_layers, self.storage_dtype
         if self.model is not None:
             m = self.model
             c = m.plan.model_cfg
             shape = (m.pp * self.capacity, self.page_size, c.num_kv_heads, c.head_dim)
-            k_spec, v_spec = m.paged_cache_spec()
-            shardings = tuple(jax.sharding.NamedSharding(m.mesh, s) for s in (k_spec, v_spec))
-            make = jax.jit(lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt)),
-                           out_shardings=shardings)
-            return [make() for _ in range(m.layers_per_stage)]
+            specs = m.paged_cache_spec()
+            pair = tuple(jax.ShapeDtypeStruct(shape, dt,
+                                              sharding=jax.sharding.NamedSharding(m.mesh, s))
+                         for s in specs)
+            return [pair for _ in range(m.layers_per_stage)]
         lead = (n,) if self.stacked else ()
+        arrays = [jax.ShapeDtypeStruct((*lead, *self.page_shape), dt) for _ in range(2)]
+        if self.quantized:  # K, V and their scales
+            arrays += [jax.ShapeDtypeStruct((*lead, *self.page_shape[:-1]), jnp.float32)
+                       for _ in range(2)]
+        return tuple(arrays) if self.stacked else [tuple(arrays) for _ in range(n)]
 
-        def layer():  # K, V (and their scales when quantized)
-            arrays = [jnp.zeros((*lead, *self.page_shape), dt) for _ in range(2)]
-            if self.quantized:
-                arrays += [jnp.zeros((*lead, *self.page_shape[:-1]), jnp.float32)
-                           for _ in range(2)]
-            return tuple(arrays)
+    def zeros(self) -> Any:
+        """Zero-filled arrays of :meth:`layout` (one program: every layer at once)."""
+        layout = self.layout()
+        shardings = jax.tree.map(lambda a: a.sharding, layout)
+        make = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), layout),
+                       out_shardings=None if self.model is None else shardings)
+        return make()
 
-        return layer() if self.stacked else [layer() for _ in range(n)]
+    @property
+    def caches(self) -> Any:
+        """The arrays (waits for a background fill started by :meth:`create`)."""
+        if self._filling is not None:
+            filling, self._filling = self._filling, None
+            self._caches = filling.result()  # re-raises the fill's error (e.g. out of memory)
+        return self._caches
+
+    @property
+    def filling(self) -> bool:
+        """Whether a background fill is still writing the arrays."""
+        return self._filling is not None and not self._filling.done()
+
+    @caches.setter
+    def caches(self, value: Any) -> None:
+        if self._filling is not None:  # never let a late fill overwrite what is set now
+            self._filling.result()
+            self._filling = None
+        self._caches = value
+
+    def fill_in_background(self) -> None:
+        """Start zero-filling the arrays in a thread; :attr:`caches` waits for it.  On CPU
+        writing a large pool's zeros takes a visible part of start-up and blocks the
+        caller even when jitted (docs/benchmarks.md); meanwhile the caller tokenizes,
+        traces and compiles (JAX releases the GIL while it runs)."""
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-pool")
+        self._filling = pool.submit(self.zeros)
+        pool.shutdown(wait=False)
 
     def reset(self) -> None:
         """Drop the contents (e.g. after a failed step whose donated pool is gone)."""

@@ -224,6 +224,8 @@ class ModelRunner:
         """Run one step (arguments as :meth:`build`)."""
         spec, inputs, layout = self.build(out, rows, prompt_lp, prompt_next_ids, num_steps,
                                           extra_copies, block_tables)
+        if self.pool.filling:  # compile from shapes while the pool's zeros are written
+            self._compile_ahead(spec)
         self.specs_seen.add(spec)
         if not spec.decode_only:  # start on the decode program before this step's own
             self._compile_ahead(self._next_decode_spec(spec, out, rows))
@@ -276,8 +278,7 @@ class ModelRunner:
 
     def _abstract_args(self, spec: StepSpec):
         """``(params, caches, inputs)`` shaped like a real step of ``spec`` (no data)."""
-        abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)  # noqa: E731
-        caches = jax.tree.map(abstract, self.pool.caches)
+        caches = self.pool.layout()  # not the arrays: they may still be filling
         out = SchedulerOutput(_null_decodes(spec.num_decodes),
                               num_decode_tokens=spec.num_decodes, block_size=self.page_size)
         rows = [[SampleRow(RowParams(), 0, spec.num_steps)] for _ in range(spec.num_decodes)]

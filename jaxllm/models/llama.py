@@ -105,8 +105,9 @@ def fuse_projections(params: Params) -> Params:
         out = dict(lp)
         for fused, parts in FUSED.items():
             if all(p in lp for p in parts):
-                xp = np if isinstance(lp[parts[0]], np.ndarray) else jnp
-                out[fused] = xp.concatenate([lp[p] for p in parts], axis=-1)
+                arrays = [lp[p] for p in parts]
+                out[fused] = (_host_concat(arrays) if isinstance(arrays[0], np.ndarray)
+                              else jnp.concatenate(arrays, axis=-1))
                 for p in parts:
                     del out[p]
         return out
@@ -114,6 +115,18 @@ def fuse_projections(params: Params) -> Params:
     layers = params["layers"]
     fused = [fuse(lp) for lp in layers] if isinstance(layers, (list, tuple)) else fuse(layers)
     return {**params, "layers": fused}
+
+
+def _host_concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(arrays, axis=-1)`` into a 64-byte aligned buffer, which
+    ``jax.device_put(..., may_alias=True)`` can use on CPU without another copy."""
+    shape = (*arrays[0].shape[:-1], sum(a.shape[-1] for a in arrays))
+    dtype = np.result_type(*arrays)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    out = raw[start:start + nbytes].view(dtype).reshape(shape)
+    return np.concatenate(arrays, axis=-1, out=out)
 
 
 # --------------------------------------------------------------------------- building blocks

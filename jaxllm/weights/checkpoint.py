@@ -122,7 +122,12 @@ def save_params(directory: str | os.PathLike, params: dict) -> None:
 def restore_params(directory: str | os.PathLike, shapes_dtypes: dict) -> dict:
     """Read :func:`save_params` output back into numpy arrays laid out like
     ``shapes_dtypes`` (a pytree of ``(shape, dtype)`` tuples); raises ValueError when an
-    array is missing or differs."""
+    array is missing or differs.
+
+    The arrays are read-only views of the memory-mapped file (64-byte aligned): nothing is
+    copied here, pages load on first touch, and on CPU ``jax.device_put(...,
+    may_alias=True)`` uses them in place.  The mapping outlives a later removal of the
+    file (the entry being pruned or rebuilt by another process)."""
     directory = Path(directory)
     index = {e["name"]: e for e in json.loads((directory / _INDEX).read_text())}
     raw = np.memmap(directory / _PARAMS, dtype=np.uint8, mode="r")
@@ -135,7 +140,7 @@ def restore_params(directory: str | os.PathLike, shapes_dtypes: dict) -> dict:
         n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         if e["offset"] + n > raw.size:
             raise ValueError(f"cached array {name!r} is cut short")
-        return np.array(raw[e["offset"]:e["offset"] + n].view(dt).reshape(shape))
+        return raw[e["offset"]:e["offset"] + n].view(dt).reshape(shape)
 
     def walk(like: dict, prefix: str) -> dict:
         return {k: walk(v, f"{prefix}{k}/") if isinstance(v, dict) else read(f"{prefix}{k}", *v)
