@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -23,13 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["active", "available", "forced", "matmul", "matmul_applies", "override",
-           "paged_decode_attention"]
+__all__ = ["active", "available", "check_quantized", "forced", "matmul", "matmul_applies",
+           "override", "paged_decode_attention", "quantized_matmul"]
 
 _log = logging.getLogger("jaxllm.cpu_kernels")
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "lib": ctypes handle (kept alive)
-_TARGETS = {"paged_decode": "JaxllmPagedDecodeAttention", "small_matmul": "JaxllmSmallMatmul"}
+_TARGETS = {"paged_decode": "JaxllmPagedDecodeAttention", "small_matmul": "JaxllmSmallMatmul",
+            "quant_matmul": "JaxllmQuantMatmul"}
 _override: list[bool] = []  # innermost override() wins
 
 
@@ -188,8 +190,11 @@ _MATMUL_F32_ROWS = (2, 8)  # float32 weights: 1 row ties XLA's dot, 16 rows lose
 
 
 def matmul_applies(rows: int, w) -> bool:
-    """Whether ``x [rows, K] @ w`` should take :func:`matmul`: only the shapes where it
-    measured faster (``JAXLLM_CPU_KERNELS=1`` adds float32 weights at any row count)."""
+    """Whether ``x [rows, K] @ w`` should take :func:`matmul` (float weights) or
+    :func:`quantized_matmul` (a ``QuantizedArray`` the kernel reads): only the shapes where
+    it measured faster (``JAXLLM_CPU_KERNELS=1`` adds float32 weights at any row count)."""
+    if _is_quantized(w):
+        return quantized_applies(rows, w)
     if not (isinstance(w, jax.Array) and w.ndim == 2 and 1 <= rows <= _MATMUL_MAX_ROWS
             and w.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16)):
         return False
@@ -199,3 +204,120 @@ def matmul_applies(rows: int, w) -> bool:
     if w.dtype == jnp.float32 and not (f32_rows or forced()):
         return False
     return active()
+
+
+# --------------------------------------------------------------------------- quantized
+
+_PACKINGS = {"none": 0, "interleaved": 1, "gguf32": 2}
+# Where the quantized kernel measured faster than XLA's dequantize-then-dot (docs/kernels.md):
+_QUANT_MAX_ROWS = 8  # 1-8 rows: 1.0-7.5x; at 16, XLA's GEMM ties or wins on projections
+_QUANT_WIDE_N = 8192  # ...but not on the 49152-wide LM head: 16 rows still 3-4x faster
+
+
+_QUANTIZED_FIELDS = ("values", "scales", "offsets", "bits", "group_size", "packing",
+                     "transposed", "dequantize")
+
+
+def _is_quantized(w) -> bool:
+    """``w`` is a ``jaxllm.quant.QuantizedArray`` -- recognised by its fields, so this
+    package stays importable without (and below) ``jaxllm``."""
+    return all(hasattr(w, f) for f in _QUANTIZED_FIELDS)
+
+
+def check_quantized(w) -> None:
+    """Raise ValueError naming what :func:`quantized_matmul` cannot read in ``w``: it takes a
+    2-D, untransposed ``QuantizedArray`` with int8 codes (packing ``none``) or 4-bit codes
+    (``interleaved``, or ``gguf32`` with groups of 32), an even group size dividing K for
+    4 bits (a byte holds two codes of one group), and scales / offsets ``[K/group, N]``."""
+    if not _is_quantized(w):
+        raise ValueError(f"quantized_matmul needs a QuantizedArray, got {type(w).__name__}")
+    if w.ndim != 2 or w.transposed:
+        raise ValueError(f"quantized_matmul needs a 2-D untransposed weight [K, N], got "
+                         f"{w!r} with stored shape {w.values.shape}")
+    if (w.bits, w.packing) not in ((8, "none"), (4, "interleaved"), (4, "gguf32")):
+        raise ValueError(f"quantized_matmul reads 8-bit 'none' and 4-bit 'interleaved' / "
+                         f"'gguf32' codes, got bits={w.bits} packing={w.packing!r}")
+    k, n = w.stored_shape
+    g = w.group_size
+    if g <= 0 or k % g or (w.bits == 4 and g % 2) or (w.packing == "gguf32" and g != 32):
+        raise ValueError(f"quantized_matmul: group size {g} must divide K={k}"
+                         + (" and be even for 4-bit codes" if w.bits == 4 else "")
+                         + (" (32 for gguf32 blocks)" if w.packing == "gguf32" else ""))
+    for name in ("scales", "offsets"):
+        a = getattr(w, name)
+        if a is not None and tuple(a.shape) != (k // g, n):
+            raise ValueError(f"quantized_matmul: {name} must be [{k // g}, {n}] "
+                             f"(K/group, N), got {tuple(a.shape)}")
+
+
+def quantized_applies(rows: int, w) -> bool:
+    """Whether ``x [rows, K] @ w`` (``w`` a ``QuantizedArray``) should take
+    :func:`quantized_matmul`: the row counts where it measured faster (1-8; up to 16 on a
+    wide LM head) and a layout the kernel reads."""
+    wide = w.ndim == 2 and w.shape[-1] > _QUANT_WIDE_N
+    if not (1 <= rows <= _QUANT_MAX_ROWS or (wide and 1 <= rows <= _MATMUL_MAX_ROWS)):
+        return False
+    try:
+        check_quantized(w)
+    except ValueError:
+        return False  # e.g. a stacked or transposed weight: the XLA path handles it
+    return active()
+
+
+def _quant_call(x, values, scales, offsets, meta):
+    bits, group, packing, _ = meta
+    return jax.ffi.ffi_call("jaxllm_quant_matmul",
+                            jax.ShapeDtypeStruct((x.shape[0], values.shape[1]), jnp.float32),
+                            vmap_method="sequential")(
+        x, values, scales, offsets, bits=np.int64(bits), group_size=np.int64(group),
+        packing=np.int64(_PACKINGS[packing]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _quant_matmul(x, values, scales, offsets, meta):
+    return _quant_call(x, values, scales, offsets, meta)
+
+
+def _quant_matmul_fwd(x, values, scales, offsets, meta):
+    return _quant_call(x, values, scales, offsets, meta), (x, values, scales, offsets)
+
+
+def _quant_matmul_bwd(meta, res, dy):  # plain XLA (QLoRA-style training, not decode)
+    x, values, scales, offsets = res
+    bits, group, packing, cls = meta
+    q = cls(values, scales, offsets if offsets.size else None, bits=bits,
+            group_size=group, packing=packing, dtype=jnp.float32)
+    dx = (dy @ q.dequantize().T).astype(x.dtype)
+    dw = x.astype(jnp.float32).T @ dy  # [K, N]
+    dw_groups = dw.reshape(-1, group, dw.shape[-1])
+    codes = q.codes().astype(jnp.float32).reshape(dw_groups.shape)
+    dscales = (codes * dw_groups).sum(1).astype(scales.dtype)
+    doffsets = (dw_groups.sum(1).astype(offsets.dtype) if offsets.size
+                else jnp.zeros_like(offsets))
+    return dx, np.zeros(values.shape, jax.dtypes.float0), dscales, doffsets
+
+
+_quant_matmul.defvjp(_quant_matmul_fwd, _quant_matmul_bwd)
+
+
+def quantized_matmul(x: jax.Array, w) -> jax.Array:
+    """``x [..., K] @ w`` in float32 for few rows, ``w`` a ``jaxllm.quant.QuantizedArray``
+    read in its own layout and dequantized in registers (weight-only numerics: ``x`` stays
+    float32 / bfloat16, float32 accumulation).  Differentiable in ``x`` (and the scales /
+    offsets) through a plain-XLA backward.  Call :func:`available` first; raises ValueError
+    (:func:`check_quantized`) for a layout the kernel does not read.
+    """
+    check_quantized(w)
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        x = x.astype(jnp.float32)
+    scales, offsets = jnp.asarray(w.scales), w.offsets
+    if scales.dtype not in (jnp.float32, jnp.float16, jnp.bfloat16):
+        scales = scales.astype(jnp.float32)
+    if offsets is None:
+        offsets = jnp.zeros((0,), scales.dtype)  # symmetric: the kernel skips the term
+    elif offsets.dtype != scales.dtype:
+        scales, offsets = scales.astype(jnp.float32), jnp.asarray(offsets, jnp.float32)
+    lead = x.shape[:-1]
+    y = _quant_matmul(x.reshape(-1, x.shape[-1]), jnp.asarray(w.values), scales,
+                      jnp.asarray(offsets), (w.bits, w.group_size, w.packing, type(w)))
+    return y.reshape(*lead, w.shape[-1])

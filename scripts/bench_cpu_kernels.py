@@ -1,12 +1,14 @@
 """C++ CPU kernels vs their XLA twins, timed interleaved (ours, xla, ours, xla, ...).
 
-    PYTHONPATH=. python scripts/bench_cpu_kernels.py [--quick] [--only attention|matmul]
+    PYTHONPATH=. python scripts/bench_cpu_kernels.py [--quick] [--only attention|matmul|quant]
     PYTHONPATH=. python scripts/bench_cpu_kernels.py --engine [--dtype bfloat16]
 
 Attention: SmolLM2-135M shapes (Hq=9, Hkv=3, D=64, page 16), one layer's paged decode
 over a shuffled page pool; contexts drawn uniformly from a range per row.  Prints the
 workload, the device, median ms of each, xla/ours (> 1: the kernel is faster) and the
 live K/V bytes streamed per second by the kernel.  Matmul: decode-sized ``x [M, K] @ w``.
+Quant: the same with int8 / int4 / GGUF Q8_0 / Q4_0 / Q4_1 weights against the XLA path
+(dequantize, then the float dot) and the machine's measured memory bandwidth.
 ``--engine``: the paged engine on the default model with the kernels off and on.
 """
 
@@ -120,6 +122,60 @@ def bench_matmul(quick: bool) -> None:
                       f"{t_xla / t_ours:8.2f} {gbs:9.1f}   (max |diff| {err:.1e})", flush=True)
 
 
+def _quantized_weights(k: int, n: int, rng) -> dict:
+    """The formats the quantized-matmul kernel reads, for one ``[K, N]`` weight."""
+    import gguf
+
+    from jaxllm.quant import quantize_int4, quantize_int8
+    from jaxllm.weights.gguf_blocks import blocks_to_quantized
+
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    out = {"int8": quantize_int8(w), "int4-g32": quantize_int4(w, 32)}
+    for kind in ("Q8_0", "Q4_0", "Q4_1"):  # GGUF blocks of the [N, K] tensor
+        raw = gguf.quants.quantize(np.ascontiguousarray(w.T),
+                                   getattr(gguf.GGMLQuantizationType, kind))
+        out[kind] = blocks_to_quantized(raw, kind, (n, k))
+    return out
+
+
+def bench_quant_matmul(quick: bool) -> None:
+    """Quantized weights: the kernel vs llama.matmul's XLA path (dequantize, then the float
+    dot), interleaved; GB/s = stored bytes (codes + scales + offsets) per kernel call time,
+    against the machine's measured bandwidth."""
+    from jaxllm.hardware import measure_cpu
+    from jaxllm.models import llama
+
+    bw = measure_cpu(matmul_n=512, copy_mib=256).mem_bw / 1e9
+    print(f"measured bandwidth (jaxllm.hardware.measure_cpu, x+1 copy, read+write): "
+          f"{bw:.1f} GB/s")
+    rng = np.random.default_rng(0)
+    # SmolLM2-135M: fused qkv 576x960, o 576x576, fused gate/up 576x3072, down 1536x576,
+    # and the tied 49152-wide LM head (the default GGUF file's is Q8_0)
+    shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)]
+    rows = (1, 2, 4, 8, 16)
+    if quick:
+        shapes, rows = [(576, 3072), (576, 49152)], (1, 8)
+    print(f"{'workload':44s} {'ours ms':>8s} {'xla ms':>8s} {'xla/ours':>8s} {'ours GB/s':>9s} "
+          f"{'% bw':>5s}")
+    for k, n in shapes:
+        for fmt, q in _quantized_weights(k, n, rng).items():
+            q = jax.tree.map(jnp.asarray, q)
+            for m in rows:
+                x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+                ours = jax.jit(cpu_kernels.quantized_matmul).lower(x, q).compile()
+                with cpu_kernels.override(False):  # llama.matmul's XLA path, compiled now
+                    xla = jax.jit(lambda x, w: llama.matmul(x, w, jnp.float32)).lower(
+                        x, q).compile()
+                ref = np.asarray(xla(x, q))
+                err = float(np.max(np.abs(np.asarray(ours(x, q)) - ref)) / np.abs(ref).max())
+                reps = 5 if n > 8192 else (9 if quick else 25)
+                t_ours, t_xla = _time_pair(ours, xla, (x, q), reps)
+                gbs = q.nbytes / t_ours / 1e6
+                print(f"{f'{fmt} M={m} K={k} N={n}':44s} {t_ours:8.3f} {t_xla:8.3f} "
+                      f"{t_xla / t_ours:8.2f} {gbs:9.1f} {100 * gbs / bw:5.0f}   "
+                      f"(max rel diff {err:.1e})", flush=True)
+
+
 def engine_child(dtype: str, requests: int, out_len: int) -> None:
     """One engine run in this process (JAXLLM_CPU_KERNELS as inherited): generate the
     workload once to compile every shape it reaches, then time it again; prints JSON."""
@@ -176,7 +232,7 @@ def bench_engine(dtype: str, requests: int, out_len: int, rounds: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=("attention", "matmul"))
+    ap.add_argument("--only", choices=("attention", "matmul", "quant"))
     ap.add_argument("--engine", action="store_true",
                     help="instead: the engine with kernels off / on (alternating processes)")
     ap.add_argument("--dtype", default="float32", help="--engine: model dtype")
@@ -202,6 +258,8 @@ def main() -> None:
         bench_attention(args.quick)
     if args.only in (None, "matmul") and not args.engine:
         bench_matmul(args.quick)
+    if args.only in (None, "quant") and not args.engine:
+        bench_quant_matmul(args.quick)
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 

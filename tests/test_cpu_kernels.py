@@ -256,3 +256,178 @@ def test_engine_same_greedy_tokens_with_kernels_on_and_off():
         off = tokens()
     jax.clear_caches()
     assert on == off
+
+
+# --------------------------------------------------------------------------- quantized matmul
+# Tolerance: the kernel forms scale * sum(x q) + offset * sum(x) per group, the twin rounds
+# every dequantized weight to float32 and sums x * w: both are float32 sums of the same
+# products in another order, so they agree to 2e-5 of sum |x| |w| (the float32 summation
+# error bound for K <= 1536 in practice sits near 1e-6).
+QUANT_RTOL = 2e-5
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+
+
+def _gguf_quantized(w: np.ndarray, kind: str, transposed: bool = False):
+    """``w [K, N]`` through the gguf package's quantizer into the loader's block layout."""
+    import gguf
+
+    from jaxllm.quant import QuantizedArray
+    from jaxllm.weights.gguf_blocks import blocks_to_quantized
+
+    k, n = w.shape
+    raw = gguf.quants.quantize(np.ascontiguousarray(w.T, np.float32),
+                               getattr(gguf.GGMLQuantizationType, kind))
+    q = blocks_to_quantized(raw, kind, (n, k))
+    return (QuantizedArray(q.values, q.scales, q.offsets, bits=q.bits, group_size=32,
+                           packing=q.packing, transposed=True) if transposed else q)
+
+
+def _quantized(fmt: str, w: np.ndarray):
+    from jaxllm.quant import quantize_int4, quantize_int8
+
+    if fmt == "int8":
+        return quantize_int8(w)
+    if fmt.startswith("int4-g"):
+        return quantize_int4(w, int(fmt[6:]))
+    return _gguf_quantized(w, fmt)
+
+
+def _xla_quant_twin(x, q):
+    """The XLA twin: dequantize to float32, then the float32 dot (llama.matmul's XLA path)."""
+    with cpu_kernels.override(False):
+        return _xla_matmul(x.astype(jnp.float32), q.astype(jnp.float32))
+
+
+@settings(max_examples=24, deadline=None, suppress_health_check=list(HealthCheck))
+@given(fmt=st.sampled_from(["int8", "int4-g32", "int4-g64", "int4-g128", *GGUF_TYPES]),
+       rows=st.integers(1, 16), groups=st.integers(1, 6),
+       n=st.sampled_from([1, 5, 8, 13, 64, 72, 200, 1100]),
+       x_bf16=st.booleans(), scale_dtype=st.sampled_from([None, "float32", "bfloat16"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_quantized_matmul_matches_xla(fmt, rows, groups, n, x_bf16, scale_dtype, seed):
+    """Every layout over M 1-16, K a multiple of the group, N not a multiple of 8 too;
+    bf16 activations; scales stored in float16 (as made) or cast to float32 / bfloat16."""
+    rng = np.random.default_rng(seed)
+    group = 32 if fmt == "int8" or fmt in GGUF_TYPES else int(fmt[6:])
+    k = group * groups
+    q = _quantized(fmt, rng.standard_normal((k, n)).astype(np.float32))
+    if scale_dtype is not None:
+        q = q._replace(scales=jnp.asarray(q.scales, scale_dtype),
+                       offsets=None if q.offsets is None else jnp.asarray(q.offsets, scale_dtype))
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16 if x_bf16 else jnp.float32)
+    ref = np.asarray(_xla_quant_twin(x, q))
+    out = np.asarray(jax.jit(cpu_kernels.quantized_matmul)(x, q))
+    assert out.shape == (rows, n) and out.dtype == np.float32
+    bound = np.abs(np.asarray(x, np.float32)) @ np.abs(np.asarray(q.dequantize(jnp.float32)))
+    np.testing.assert_array_less(np.abs(out - ref), QUANT_RTOL * bound + 1e-30)
+
+
+def test_quantized_matmul_rejects_what_it_cannot_read():
+    from jaxllm.models import llama
+    from jaxllm.quant import QuantizedArray, quantize_int8
+
+    rng = np.random.default_rng(4)
+    x = jnp.ones((2, 66), jnp.float32)
+    odd = QuantizedArray(jnp.zeros((33, 8), jnp.uint8), jnp.ones((2, 8), jnp.float16),
+                         jnp.zeros((2, 8), jnp.float16), bits=4, group_size=33,
+                         packing="interleaved")
+    with pytest.raises(ValueError, match="group size 33 must divide K=66 and be even"):
+        cpu_kernels.quantized_matmul(x, odd)
+    assert not cpu_kernels.matmul_applies(2, odd)  # dispatch leaves it to XLA
+    gguf_g64 = odd._replace(values=jnp.zeros((64, 8), jnp.uint8), group_size=64,
+                            packing="gguf32")
+    with pytest.raises(ValueError, match="32 for gguf32"):
+        cpu_kernels.quantized_matmul(jnp.ones((1, 128)), gguf_g64)
+    q = quantize_int8(rng.standard_normal((2, 64, 8)))  # a stack of layers
+    with pytest.raises(ValueError, match="2-D untransposed"):
+        cpu_kernels.quantized_matmul(jnp.ones((1, 64)), q)
+    with pytest.raises(ValueError, match="2-D untransposed"):
+        cpu_kernels.quantized_matmul(jnp.ones((1, 8)), q[0].T)
+    np.testing.assert_allclose(llama.matmul(jnp.ones((1, 64)), q[1]),
+                               jnp.ones((1, 64)) @ q[1].dequantize(), rtol=1e-5)
+
+
+def test_quantized_dispatch_head_and_grad():
+    from jaxllm.models import llama
+
+    rng = np.random.default_rng(5)
+    q = _quantized("Q4_1", rng.standard_normal((64, 96)).astype(np.float32))
+    emb = _gguf_quantized(rng.standard_normal((64, 200)).astype(np.float32), "Q8_0",
+                          transposed=True)  # a tied embedding [V=200, D=64] stored [D, V]
+    x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+    jaxpr = lambda f, *a: str(jax.make_jaxpr(f)(*a))  # noqa: E731
+    assert "jaxllm_quant_matmul" in jaxpr(lambda x: llama.matmul(x, q), x)
+    assert "jaxllm_quant_matmul" not in jaxpr(lambda x: llama.matmul(x, q), jnp.ones((64, 64)))
+    # 9-16 rows: XLA on projections, the kernel on a wide (LM head) weight (measured)
+    assert "jaxllm_quant_matmul" not in jaxpr(lambda x: llama.matmul(x, q), jnp.ones((16, 64)))
+    wide = _quantized("int8", rng.standard_normal((64, 8200)).astype(np.float32))
+    assert "jaxllm_quant_matmul" in jaxpr(lambda x: llama.matmul(x, wide), jnp.ones((16, 64)))
+    with cpu_kernels.override(False):
+        assert "jaxllm_quant_matmul" not in jaxpr(lambda x: llama.matmul(x, q), x)
+    # the vocab-major LM head passes the quantized weight first: W^T [V, D] @ h^T [D, 3]
+    head = jax.jit(lambda h: llama.matmul(emb, h.T, jnp.float32))
+    assert "jaxllm_quant_matmul" in jaxpr(lambda h: llama.matmul(emb, h.T, jnp.float32), x)
+    np.testing.assert_allclose(head(x), _xla_quant_twin(x, emb.T).T, rtol=1e-5, atol=1e-4)
+    # differentiable in x and the scales / offsets (plain-XLA backward)
+    loss = lambda f: lambda x, s, o: (f(x, q._replace(scales=s, offsets=o)) ** 2).sum()  # noqa
+    args = (x, jnp.asarray(q.scales, jnp.float32), jnp.asarray(q.offsets, jnp.float32))
+    g = jax.grad(loss(cpu_kernels.quantized_matmul), argnums=(0, 1, 2))(*args)
+    g_ref = jax.grad(loss(_xla_quant_twin), argnums=(0, 1, 2))(*args)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+
+
+def _tiny_quantized_params(method: str):
+    """A tiny random Llama (weights x5: clear greedy margins) with quantized weights:
+    int8 / int4 through quantize_params, "gguf" through the gguf package's Q4_1 / Q4_0 /
+    Q8_0 quantizers into the GGUF loader's layout (as LLM(quantization="gguf") keeps them)."""
+    from jaxllm.config import ModelConfig
+    from jaxllm.models import llama
+    from jaxllm.quant import quantize_params
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    params = llama.init_params(cfg, jax.random.key(1))
+    params = jax.tree.map(lambda x: x * 5 if x.ndim > 1 else x, params)
+    params = llama.fuse_projections(llama.unstack_layers(params))
+    if method != "gguf":
+        return cfg, quantize_params(params, method)
+    kinds = {"w_down": "Q4_0", "wo": "Q8_0"}  # the rest Q4_1, like the default file
+    layers = [{k: _gguf_quantized(np.asarray(v), kinds.get(k, "Q4_1")) if np.ndim(v) == 2
+               else v for k, v in lp.items()} for lp in params["layers"]]
+    out = dict(params, layers=layers)
+    out["embed"] = _gguf_quantized(np.asarray(params["embed"]).T, "Q8_0", transposed=True)
+    if "lm_head" in params:
+        out["lm_head"] = _gguf_quantized(np.asarray(params["lm_head"]), "Q8_0")
+    return cfg, out
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "gguf"])
+def test_quantized_model_same_greedy_tokens_with_kernels_on_and_off(method, monkeypatch):
+    from jaxllm.engine.engine import LLMEngine
+    from jaxllm.sampling import SamplingParams
+
+    cfg, params = _tiny_quantized_params(method)
+    rng = np.random.default_rng(2)
+    prompts = [[int(t) for t in rng.integers(4, 97, rng.integers(1, 30))] for _ in range(4)]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def tokens():
+        eng = LLMEngine(params, cfg, eos_token_ids=(3,), max_model_len=128, page_size=4,
+                        num_pages=96, max_num_seqs=4, max_num_batched_tokens=64)
+        return [o.token_ids for o in eng.generate(prompts, sp)]
+
+    traced = []  # count the kernel calls traced into the model's steps
+    kernel = cpu_kernels.quantized_matmul
+    monkeypatch.setattr(cpu_kernels, "quantized_matmul",
+                        lambda x, w: traced.append(w.packing) or kernel(x, w))
+    jax.clear_caches()
+    on = tokens()
+    assert traced, "the quantized kernel was not used"
+    jax.clear_caches()  # the step functions are traced again, now without the kernels
+    with cpu_kernels.override(False):
+        n = len(traced)
+        off = tokens()
+        assert len(traced) == n
+    jax.clear_caches()
+    assert on == off

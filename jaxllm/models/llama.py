@@ -231,7 +231,13 @@ def matmul(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
     with >= 2 rows, so on CPU a single row is padded to two (timings: docs/kernels.md).
     """
     if cpu_kernels.matmul_applies(math.prod(x.shape[:-1]), w):
-        return cpu_kernels.matmul(x, w).astype(out_dtype or x.dtype)
+        quantized = isinstance(w, QuantizedArray)
+        kernel = cpu_kernels.quantized_matmul if quantized else cpu_kernels.matmul
+        return kernel(x, w).astype(out_dtype or x.dtype)
+    if (isinstance(x, QuantizedArray) and x.ndim == 2 and w.ndim == 2
+            and cpu_kernels.matmul_applies(w.shape[-1], x.T)):
+        # the vocab-major LM head W^T @ h^T: the kernel's small-M product (h @ W)^T
+        return cpu_kernels.quantized_matmul(w.T, x.T).T.astype(out_dtype or x.dtype)
     if isinstance(w, QuantizedArray):  # XLA path: dequantize, then the float dot (fused on GPU)
         w = w.dequantize()
     if isinstance(x, QuantizedArray):  # the vocab-major LM head passes the weight first

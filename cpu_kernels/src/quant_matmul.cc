@@ -1,0 +1,401 @@
+// Small-M matmul over quantized weights (the decode case), weight-only numerics:
+// y [M, N] f32 = x [M, K] (f32 / bf16) @ W, W = codes * scale + offset per group of K,
+// dequantized in registers with float32 accumulation.  Activations are never quantized.
+//
+// Layouts (jaxllm.quant.QuantizedArray, docs/quantization.md), read in place:
+//   values   int8 [K, N] (8 bits) or uint8 [K/2, N], two 4-bit codes per byte;
+//            "interleaved": byte r holds K index 2r (low nibble) and 2r+1 (high);
+//            "gguf32": per 32-element block b, byte 16b+j holds 32b+j (low) and 32b+j+16;
+//   scales   [K/G, N] float32 / float16 / bfloat16; offsets the same or absent.
+// A "storage row" is one row of `values`: one K index (8 bits) or two (4 bits).  The
+// activations are reordered once per call into storage order (x_st[2r], x_st[2r+1] are
+// the two K indices of storage row r), so one inner loop serves both 4-bit packings.
+//
+// Per group, per output column:  y += scale * sum_k x_k q_k + offset * sum_k x_k,
+// so the inner loop is one widen + convert + FMA per code and the scale / offset cost
+// two FMAs per column per group.  Runs of 64-256 columns are the parallel items (each
+// read from memory once, for all rows); inside an item the K rows go in chunks (a group,
+// or 16-64 rows of int8's one per-channel group) outermost, so a chunk's rows stay in L1
+// while every row tile reads them and the next chunk is prefetched meanwhile.
+
+#include <vector>
+
+#include "common.h"
+#include "simd.h"
+
+#if defined(JAXLLM_AVX2) && defined(__F16C__)
+#define JAXLLM_QMM_SIMD 1
+#endif
+
+namespace jaxllm {
+namespace {
+
+constexpr int64_t kBlock = 64;  // columns per item: one cache line of int8 / packed int4
+
+enum Packing : int64_t { kNone = 0, kInterleaved = 1, kGguf32 = 2 };
+
+struct QParams {
+  int64_t M, K, N;
+  int64_t rows;        // storage rows: K (8 bits) or K / 2 (4 bits)
+  int64_t group_rows;  // storage rows per group
+  int64_t groups;      // K / G
+  int64_t chunk_rows;  // storage rows per chunk: a group, or a part of a large group
+  int64_t chunks;      // rows / chunk_rows; chunk c uses the scales of group c / per_group
+  int64_t per_group;   // chunks per group
+  int64_t item_cols;   // columns per parallel item (a multiple of kBlock)
+  const float* x;      // [M, K] widened, in storage order
+  const float* xsum;   // [M, chunks]: sum of x over each chunk (offsets only)
+  const void* values;
+  const void* scales;
+  const void* offsets;  // null: symmetric
+  float* y;
+};
+
+// IEEE half -> float without F16C (the portable path).
+static inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, u;
+  if (exp == 0x1Fu) {
+    u = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal half: normalise
+    int e = -1;
+    do { ++e; man <<= 1; } while (!(man & 0x400u));
+    u = sign | ((112u - e) << 23) | ((man & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Scale / offset element types: tags with a scalar load (and an 8-lane load below).
+struct ScaleF32 { using T = float; static float At(const T* p, int64_t i) { return p[i]; } };
+struct ScaleF16 {
+  using T = uint16_t;
+  static float At(const T* p, int64_t i) { return f16_to_f32(p[i]); }
+};
+struct ScaleBF16 {
+  using T = uint16_t;
+  static float At(const T* p, int64_t i) { return bf16_to_f32(p[i]); }
+};
+
+// Code of storage row r, column n: `half` 0 = low nibble / the int8 value, 1 = high nibble.
+template <int BITS>
+static inline float Code(const void* values, int64_t N, int64_t r, int64_t n, int half) {
+  if (BITS == 8) return static_cast<float>(static_cast<const int8_t*>(values)[r * N + n]);
+  const uint8_t b = static_cast<const uint8_t*>(values)[r * N + n];
+  return static_cast<float>(half ? (b >> 4) : (b & 0xF));
+}
+
+// y[m, n] (+)= scale * acc + offset * xsum for chunk c; `prev` is 0 for the first chunk.
+template <typename S>
+static inline float Epilogue(const QParams& p, int64_t c, int64_t m, int64_t n, float acc,
+                             float prev) {
+  const int64_t g = c / p.per_group;
+  const auto* sc = static_cast<const typename S::T*>(p.scales);
+  float v = prev + S::At(sc, g * p.N + n) * acc;
+  if (p.offsets) {
+    const auto* of = static_cast<const typename S::T*>(p.offsets);
+    v += S::At(of, g * p.N + n) * p.xsum[m * p.chunks + c];
+  }
+  return v;
+}
+
+// Plain loops over columns [n0, n1) (< 64): the tail of N and CPUs without AVX2 + F16C.
+template <int BITS, typename S>
+static void ColumnsGeneric(const QParams& p, int64_t n0, int64_t n1) {
+  constexpr int per_row = BITS == 8 ? 1 : 2;
+  float acc[kBlock];
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      std::fill(acc, acc + (n1 - n0), 0.f);
+      const float* x = p.x + m * p.K;
+      for (int64_t r = c * p.chunk_rows; r < (c + 1) * p.chunk_rows; ++r) {
+        for (int h = 0; h < per_row; ++h) {
+          const float xv = x[per_row * r + h];
+          for (int64_t n = n0; n < n1; ++n) {
+            acc[n - n0] += xv * Code<BITS>(p.values, p.N, r, n, h);
+          }
+        }
+      }
+      float* y = p.y + m * p.N;
+      for (int64_t n = n0; n < n1; ++n) {
+        y[n] = Epilogue<S>(p, c, m, n, acc[n - n0], c == 0 ? 0.f : y[n]);
+      }
+    }
+  }
+}
+
+#ifdef JAXLLM_QMM_SIMD
+template <typename S>
+static inline __m256 Load8S(const typename S::T* p);
+template <>
+inline __m256 Load8S<ScaleF32>(const float* p) { return _mm256_loadu_ps(p); }
+template <>
+inline __m256 Load8S<ScaleF16>(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+inline __m256 Load8S<ScaleBF16>(const uint16_t* p) { return load8<uint16_t>(p); }
+
+// One chunk of rows for output rows [r0, r0+MR) and columns [n0, n0+8*NV):
+// MR*NV accumulators (independent FMA chains), each code widened once for all MR rows.
+template <int BITS, typename S, bool OFF, int MR, int NV>
+static inline void ChunkTile(const QParams& p, int64_t c, int64_t r0, int64_t n0) {
+  __m256 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  const int64_t rbeg = c * p.chunk_rows, rend = rbeg + p.chunk_rows;
+  const float* x = p.x + r0 * p.K;
+  if (BITS == 8) {
+    const int8_t* w = static_cast<const int8_t*>(p.values) + n0;
+    for (int64_t r = rbeg; r < rend; ++r) {
+      const int8_t* wr = w + r * p.N;
+      __m256 wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = load8<int8_t>(wr + 8 * v);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xb = _mm256_broadcast_ss(x + m * p.K + r);
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(xb, wv[v], acc[m][v]);
+      }
+    }
+  } else {
+    const uint8_t* w = static_cast<const uint8_t*>(p.values) + n0;
+    const __m256i low4 = _mm256_set1_epi32(0xF);
+    for (int64_t r = rbeg; r < rend; ++r) {
+      const uint8_t* wr = w + r * p.N;
+      __m256 lo[NV], hi[NV];
+      for (int v = 0; v < NV; ++v) {  // 8 bytes -> 8 lanes, then split the nibbles
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + 8 * v));
+        const __m256i b = _mm256_cvtepu8_epi32(bytes);
+        lo[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
+        hi[v] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m256 x0 = _mm256_broadcast_ss(x + m * p.K + 2 * r);
+        const __m256 x1 = _mm256_broadcast_ss(x + m * p.K + 2 * r + 1);
+        for (int v = 0; v < NV; ++v) {
+          acc[m][v] = _mm256_fmadd_ps(x0, lo[v], acc[m][v]);
+          acc[m][v] = _mm256_fmadd_ps(x1, hi[v], acc[m][v]);
+        }
+      }
+    }
+  }
+  // y += scale * acc (+ offset * sum of x over the chunk)
+  const int64_t g = c / p.per_group;
+  const auto* sc = static_cast<const typename S::T*>(p.scales) + g * p.N + n0;
+  const auto* of = static_cast<const typename S::T*>(p.offsets) + g * p.N + n0;
+  for (int v = 0; v < NV; ++v) {
+    const __m256 s = Load8S<S>(sc + 8 * v);
+    for (int m = 0; m < MR; ++m) {
+      float* y = p.y + (r0 + m) * p.N + n0 + 8 * v;
+      __m256 out = c == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y);
+      out = _mm256_fmadd_ps(s, acc[m][v], out);
+      if (OFF) {
+        out = _mm256_fmadd_ps(Load8S<S>(of + 8 * v),
+                              _mm256_broadcast_ss(p.xsum + (r0 + m) * p.chunks + c), out);
+      }
+      _mm256_storeu_ps(y, out);
+    }
+  }
+}
+
+// Asks for storage rows [r0, r1) x columns [n0, n1) (next chunk of this item) to be
+// fetched: rows are N bytes apart, beyond the reach of the hardware prefetchers.
+template <int BITS>
+static inline void PrefetchRows(const QParams& p, int64_t r0, int64_t r1, int64_t n0,
+                                int64_t n1) {
+  const char* base = static_cast<const char*>(p.values);
+  for (int64_t r = r0; r < std::min(r1, p.rows); ++r)
+    for (int64_t n = n0; n < n1; n += 64) __builtin_prefetch(base + r * p.N + n);
+}
+
+// One item, columns [n0, n1): chunks outermost (the next chunk prefetched while this one
+// is computed), then 64-column blocks, then row tiles of 4 / 2 / 1 rows with 8
+// accumulators each; a block narrower than 64 columns takes 8-column tiles.
+template <int BITS, typename S, bool OFF>
+static void ItemSimd(const QParams& p, int64_t n0, int64_t n1) {
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    PrefetchRows<BITS>(p, (c + 1) * p.chunk_rows, (c + 2) * p.chunk_rows, n0, n1);
+    for (int64_t b0 = n0; b0 < n1; b0 += kBlock) {
+      const int64_t nv = (std::min(n1, b0 + kBlock) - b0) / 8;
+      if (nv == 8) {
+        int64_t r = 0;
+        for (; r + 4 <= p.M; r += 4)
+          for (int64_t j = 0; j < kBlock; j += 16) ChunkTile<BITS, S, OFF, 4, 2>(p, c, r, b0 + j);
+        for (; r + 2 <= p.M; r += 2)
+          for (int64_t j = 0; j < kBlock; j += 32) ChunkTile<BITS, S, OFF, 2, 4>(p, c, r, b0 + j);
+        for (; r < p.M; ++r) ChunkTile<BITS, S, OFF, 1, 8>(p, c, r, b0);
+      } else {
+        for (int64_t r = 0; r < p.M; ++r)
+          for (int64_t v = 0; v < nv; ++v) ChunkTile<BITS, S, OFF, 1, 1>(p, c, r, b0 + 8 * v);
+      }
+    }
+  }
+}
+#endif
+
+template <int BITS, typename S>
+static void Run(ffi::ThreadPool& pool, const QParams& p) {
+  const int64_t items = (p.N + p.item_cols - 1) / p.item_cols;
+  ParallelFor(pool, items, [&](int64_t i) {
+    const int64_t n0 = i * p.item_cols, n1 = std::min(p.N, n0 + p.item_cols);
+#ifdef JAXLLM_QMM_SIMD
+    const int64_t simd_end = n0 + (n1 - n0) / 8 * 8;
+    if (simd_end > n0) {
+      if (p.offsets) {
+        ItemSimd<BITS, S, true>(p, n0, simd_end);
+      } else {
+        ItemSimd<BITS, S, false>(p, n0, simd_end);
+      }
+    }
+    if (simd_end < n1) ColumnsGeneric<BITS, S>(p, simd_end, n1);
+#else
+    for (int64_t b = n0; b < n1; b += kBlock) {
+      ColumnsGeneric<BITS, S>(p, b, std::min(n1, b + kBlock));
+    }
+#endif
+  });
+}
+
+template <int BITS>
+static ffi::Error RunScales(ffi::ThreadPool& pool, const QParams& p, ffi::DataType st) {
+  switch (st) {
+    case ffi::DataType::F32: Run<BITS, ScaleF32>(pool, p); break;
+    case ffi::DataType::F16: Run<BITS, ScaleF16>(pool, p); break;
+    case ffi::DataType::BF16: Run<BITS, ScaleBF16>(pool, p); break;
+    default:
+      return ffi::Error::InvalidArgument(
+          "quant_matmul: scales must be float32, float16 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+// K index held by slot h (0 low, 1 high) of 4-bit storage row r.
+static inline int64_t KIndex(int64_t packing, int64_t r, int h) {
+  if (packing == kGguf32) return 32 * (r / 16) + r % 16 + 16 * h;
+  return 2 * r + h;  // interleaved
+}
+
+// Storage rows walked between two epilogues: a whole group when it is small; a large
+// group (int8 per channel: all of K) is cut into chunks of 16-64 rows (the largest such
+// divisor) so that a chunk of a wide item stays in L1 and the next one can be prefetched.
+static int64_t ChunkRows(int64_t group_rows) {
+  if (group_rows <= 64) return group_rows;
+  for (int64_t d = 64; d >= 16; --d) {
+    if (group_rows % d == 0) return d;
+  }
+  return group_rows;
+}
+
+// Columns per parallel item: 64-column blocks, several per item on wide matrices (the
+// LM head) so that every weight row is read in runs of up to 256 contiguous columns
+// rather than one cache line per 4 KB page; at least 8 items per thread for balance.
+static int64_t ItemColumns(int64_t N, int64_t threads) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  const int64_t per_item = blocks / (8 * std::max<int64_t>(1, threads));
+  return kBlock * std::clamp<int64_t>(per_item, 1, 4);
+}
+
+static ffi::Error Validate(const ffi::AnyBuffer& x, const ffi::AnyBuffer& values,
+                           const ffi::AnyBuffer& scales, const ffi::AnyBuffer& offsets,
+                           int64_t bits, int64_t group, int64_t packing) {
+  auto xd = x.dimensions(), vd = values.dimensions(), sd = scales.dimensions();
+  if (xd.size() != 2 || vd.size() != 2 || sd.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "quant_matmul: expected x [M, K], values and scales 2-D");
+  }
+  const int64_t K = xd[1], N = vd[1];
+  if (bits == 8 && (packing != kNone || values.element_type() != ffi::DataType::S8)) {
+    return ffi::Error::InvalidArgument("quant_matmul: 8-bit values must be int8, packing none");
+  }
+  if (bits == 4 && ((packing != kInterleaved && packing != kGguf32) ||
+                    values.element_type() != ffi::DataType::U8)) {
+    return ffi::Error::InvalidArgument(
+        "quant_matmul: 4-bit values must be uint8, packing interleaved or gguf32");
+  }
+  if (bits != 8 && bits != 4) {
+    return ffi::Error::InvalidArgument("quant_matmul: bits must be 8 or 4");
+  }
+  if (group <= 0 || K % group || (bits == 4 && group % 2) || (packing == kGguf32 && group != 32)) {
+    return ffi::Error::InvalidArgument(
+        "quant_matmul: group size must divide K (even for 4 bits, 32 for gguf32)");
+  }
+  if (vd[0] != (bits == 8 ? K : K / 2) || sd[0] != K / group || sd[1] != N) {
+    return ffi::Error::InvalidArgument("quant_matmul: values / scales shapes do not match x");
+  }
+  const int64_t noff = static_cast<int64_t>(offsets.element_count());
+  if (noff != 0 && (offsets.element_type() != scales.element_type() || noff != sd[0] * N)) {
+    return ffi::Error::InvalidArgument("quant_matmul: offsets must match scales");
+  }
+  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument("quant_matmul: x must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
+                           ffi::AnyBuffer scales, ffi::AnyBuffer offsets, int64_t bits,
+                           int64_t group, int64_t packing, ffi::ResultBuffer<ffi::F32> y) {
+  if (ffi::Error err = Validate(x, values, scales, offsets, bits, group, packing); err.failure()) {
+    return err;
+  }
+  QParams p;
+  p.M = x.dimensions()[0];
+  p.K = x.dimensions()[1];
+  p.N = values.dimensions()[1];
+  p.rows = bits == 8 ? p.K : p.K / 2;
+  p.group_rows = bits == 8 ? group : group / 2;
+  p.groups = p.K / group;
+  p.chunk_rows = ChunkRows(p.group_rows);
+  p.per_group = p.group_rows / p.chunk_rows;
+  p.chunks = p.groups * p.per_group;
+  p.item_cols = ItemColumns(p.N, pool.num_threads());
+  // Activations widened once (M * K is small), reordered into storage order for 4 bits.
+  std::vector<float> xf(p.M * p.K), xs(p.M * p.K), sums;
+  const bool bf16 = x.element_type() == ffi::DataType::BF16;
+  for (int64_t i = 0; i < p.M * p.K; ++i) {
+    xf[i] = bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x.untyped_data())[i])
+                 : static_cast<const float*>(x.untyped_data())[i];
+  }
+  if (bits == 4) {
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t r = 0; r < p.rows; ++r)
+        for (int h = 0; h < 2; ++h) {
+          xs[m * p.K + 2 * r + h] = xf[m * p.K + KIndex(packing, r, h)];
+        }
+  } else {
+    xs.swap(xf);
+  }
+  p.offsets = offsets.element_count() ? offsets.untyped_data() : nullptr;
+  if (p.offsets) {  // per-chunk activation sums for the offset term
+    const int64_t per_row = bits == 8 ? 1 : 2, chunk_len = p.chunk_rows * per_row;
+    sums.assign(p.M * p.chunks, 0.f);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t k = 0; k < p.K; ++k) sums[m * p.chunks + k / chunk_len] += xs[m * p.K + k];
+  }
+  p.x = xs.data();
+  p.xsum = sums.data();
+  p.values = values.untyped_data();
+  p.scales = scales.untyped_data();
+  p.y = y->typed_data();
+  return bits == 8 ? RunScales<8>(pool, p, scales.element_type())
+                   : RunScales<4>(pool, p, scales.element_type());
+}
+
+}  // namespace
+}  // namespace jaxllm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQuantMatmul, jaxllm::QuantMatmulImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x [M, K] f32 / bf16
+                                  .Arg<xla::ffi::AnyBuffer>()  // values [K, N] s8 / [K/2, N] u8
+                                  .Arg<xla::ffi::AnyBuffer>()  // scales [K/G, N]
+                                  .Arg<xla::ffi::AnyBuffer>()  // offsets [K/G, N] or [0]
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("packing")  // 0 none, 1 interleaved, 2 gguf32
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
