@@ -191,20 +191,22 @@ def kv_storage_dtype(dtype, impl: Impl = "auto") -> jnp.dtype:
     """The array dtype a page pool of ``dtype`` is kept in.
 
     XLA:CPU has no bfloat16 scatter: it converts the whole operand to float32, scatters
-    and converts back, so every K/V write would cost the pool's size.  On the XLA path on
-    CPU a bfloat16 pool therefore holds its values' bits as uint16 (an integer scatter
-    updates it in place) and the attention reads widen the gathered pages only.
+    and converts back, so every K/V write would cost the pool's size.  On CPU (the XLA
+    path and the Pallas kernels in interpret mode alike: both write with an XLA scatter)
+    a bfloat16 pool therefore holds its values' bits as uint16 (an integer scatter
+    updates it in place) and the attention reads widen the pages they read only.  On
+    GPU/TPU a bfloat16 pool stays bfloat16.
     """
     dtype = jnp.dtype(dtype)
     if dtype == jnp.int8 and resolve_impl(impl) == "pallas":
         raise ValueError("kv_cache_dtype='int8' needs attention_impl='xla' (the Pallas ragged "
                          "kernel reads float pools)")
-    on_cpu_xla = jax.default_backend() == "cpu" and resolve_impl(impl) == "xla"
-    if on_cpu_xla and dtype == jnp.float16:
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu and dtype == jnp.float16:
         raise ValueError("kv_cache_dtype='float16' is not supported on XLA:CPU (no float16 "
                          "scatter: every write would convert the whole pool); use "
                          "'bfloat16' or 'float32'")
-    return jnp.dtype(jnp.uint16) if on_cpu_xla and dtype == jnp.bfloat16 else dtype
+    return jnp.dtype(jnp.uint16) if on_cpu and dtype == jnp.bfloat16 else dtype
 
 
 def _widen(x: jax.Array) -> jax.Array:
@@ -214,8 +216,8 @@ def _widen(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
 
-def _set_rows(pages: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
-    """``pages`` with ``rows`` written at ``idx`` (axis 0; out-of-range idx: dropped)."""
+def _set_rows(pages: jax.Array, idx: tuple[jax.Array, ...], rows: jax.Array) -> jax.Array:
+    """``pages`` with ``rows`` written at ``pages[idx]`` (out-of-range idx: dropped)."""
     if pages.dtype == jnp.uint16:
         rows = lax.bitcast_convert_type(rows.astype(jnp.bfloat16), jnp.uint16)
     return pages.at[idx].set(rows.astype(pages.dtype), mode="drop")
@@ -248,8 +250,10 @@ def write_kv_pages(
     slot = jnp.where(slot < 0, num_pages * page, slot)
 
     def put(pages, rows):
-        flat = pages.reshape(num_pages * page, *pages.shape[2:])
-        return _set_rows(flat, slot, rows).reshape(pages.shape)
+        # indexed by (page, offset) on the pool's own shape: flattening it to slots first
+        # made XLA pick a different layout for a sharded pool with one kv head per shard
+        # and copy the whole pool back every step
+        return _set_rows(pages, (slot // page, slot % page), rows)
 
     if k_scales is None:
         return put(k_pages, k), put(v_pages, v)
@@ -272,6 +276,31 @@ def copy_kv_pages(pages: jax.Array, src: jax.Array, dst: jax.Array, *,
     (in place when the pool is donated).  Pairs with ``src == dst`` are no-ops (padding)."""
     at = (slice(None),) * axis + (dst,)
     return pages.at[at].set(jnp.take(pages, src, axis=axis))
+
+
+def _table_pages(block_tables: jax.Array, *pools: jax.Array | None):
+    """The pools' pages that ``block_tables [B, M]`` name, gathered into compact pools of
+    ``B*M`` pages, and the tables ``[B, M]`` that index them (row ``b``'s page ``j`` is
+    ``b*M + j``).  ``None`` pools (no scales) stay ``None``.
+
+    For the Pallas kernels in interpret mode (CPU): the interpreter carries every operand
+    of a kernel through its loop over the grid and copies it there, so a whole-pool
+    operand would cost the pool's size per grid program.  The compact pools cost what the
+    tables name; they keep the pool's storage dtype (a uint16 pool stays bits: the kernels
+    widen the pages they load)."""
+    b, m = block_tables.shape
+    num_pages = next(p for p in pools if p is not None).shape[0]
+    ids = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1).reshape(b * m)
+    local = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
+    return local, tuple(None if p is None else jnp.take(p, ids, axis=0) for p in pools)
+
+
+def _kernel_operands(block_tables: jax.Array, *pools: jax.Array | None):
+    """``(interpret, block_tables, pools)`` for a paged Pallas kernel: on GPU/TPU the pool
+    itself; on CPU, where the kernels run in interpret mode, :func:`_table_pages`."""
+    if jax.default_backend() != "cpu":
+        return False, block_tables, pools
+    return (True, *_table_pages(block_tables, *pools))
 
 
 def paged_decode_attention(
@@ -302,9 +331,11 @@ def paged_decode_attention(
     if impl == "pallas":
         from pallas_kernels.paged_attention import paged_decode_attention as kernel
 
+        interpret, block_tables, (k_pages, v_pages, k_scales, v_scales) = _kernel_operands(
+            block_tables, k_pages, v_pages, k_scales, v_scales)
         return kernel(q, k_pages, v_pages, block_tables, lengths, sm_scale=sm_scale,
                       soft_cap=soft_cap, sliding_window=sliding_window, k_scales=k_scales,
-                      v_scales=v_scales, interpret=jax.default_backend() == "cpu")
+                      v_scales=v_scales, interpret=interpret)
     import cpu_kernels
 
     if cpu_kernels.active():
@@ -375,9 +406,10 @@ def ragged_paged_attention(
                                       "KV cache needs attention_impl='xla'")
         from pallas_kernels.ragged_attention import ragged_paged_attention as kernel
 
+        interpret, block_tables, (k_pages, v_pages) = _kernel_operands(block_tables, k_pages,
+                                                                       v_pages)
         return kernel(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, sm_scale=sm_scale,
-                      soft_cap=soft_cap, sliding_window=sliding_window,
-                      interpret=jax.default_backend() == "cpu")
+                      soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
     from pallas_kernels._common import ragged_num_blocks
 
     n, num_seqs = q.shape[0], block_tables.shape[0]

@@ -58,6 +58,26 @@ def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2):
 # ---------------------------------------------------------------- in-kernel math
 
 
+def pool_values(pages):
+    """Pages loaded from a KV pool, as values: a uint16 pool holds bfloat16 bits (the
+    form XLA:CPU can scatter in place, ``jaxllm.attention.kv_storage_dtype``), so its
+    loaded block is bitcast to bfloat16 -- only the block, never the pool; every other
+    dtype is returned as is."""
+    if pages.dtype == jnp.uint16:
+        return lax.bitcast_convert_type(pages, jnp.bfloat16)
+    return pages
+
+
+def check_pool_dtype(pages, scales, name: str) -> None:
+    """Pools the paged kernels read: float, bfloat16 bits in uint16 (no scales), or
+    integers with per-token ``scales`` (int8)."""
+    if pages.dtype == jnp.uint16:
+        if scales is not None:
+            raise ValueError(f"a uint16 {name}_pages holds bfloat16 bits: it takes no scales")
+    elif jnp.issubdtype(pages.dtype, jnp.integer) and scales is None:
+        raise ValueError(f"integer {name}_pages need {name}_scales")
+
+
 def dot_nt(a, b):
     """``a @ b.T`` with float32 accumulation."""
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())),

@@ -3,8 +3,9 @@
 One query token per sequence (at position ``lengths-1``) over a paged KV pool:
 
 * ``q [B, Hq, D]``
-* ``k_pages, v_pages [P, page_size, Hkv, D]`` (bf16/f32, or int8 with per-token
-  scales ``k_scales, v_scales [P, page_size, Hkv]`` float32)
+* ``k_pages, v_pages [P, page_size, Hkv, D]`` (bf16/f32; bf16 bits in uint16, the CPU
+  pool form, bitcast per loaded block; or int8 with per-token scales
+  ``k_scales, v_scales [P, page_size, Hkv]`` float32)
 * ``block_tables [B, max_pages] int32`` (page ids; entries past a sequence's
   length are ignored and may hold anything), ``lengths [B] int32``.
 
@@ -36,9 +37,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (NEG_INF, cdiv, compiler_params, dot_nt,
-                                    next_pow2, online_softmax_step, pad_axis, round_up,
-                                    scores_base2, init_carry)
+from pallas_kernels._common import (NEG_INF, cdiv, check_pool_dtype, compiler_params,
+                                    dot_nt, init_carry, next_pow2, online_softmax_step,
+                                    pad_axis, pool_values, round_up, scores_base2)
 
 # A split should leave enough parallel programs for ~132 SMs x a few waves.
 _TARGET_PROGRAMS = 512
@@ -82,8 +83,8 @@ def _decode_kernel(*refs, cfg: _Cfg):
     def body(j, carry):
         page0 = split * cfg.pages_per_split + j * ppb
         ids = bt_ref[pl.ds(page0, ppb)]
-        k = k_ref[ids].reshape(bk, d)
-        v = v_ref[ids].reshape(bk, d)
+        k = pool_values(k_ref[ids]).reshape(bk, d)
+        v = pool_values(v_ref[ids]).reshape(bk, d)
         if k.dtype != q.dtype:  # int8 pool, or a pool dtype != q dtype (Triton dots need equal types)
             k = k.astype(q.dtype)
         raw = dot_nt(q, k)
@@ -138,9 +139,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
         raise ValueError(f"bad shapes q={q.shape} k_pages={k_pages.shape}")
     if not interpret and (d & (d - 1) or ps & (ps - 1)):
         raise NotImplementedError("GPU path needs power-of-two head_dim and page_size")
-    for pool, scales, name in ((k_pages, k_scales, "k"), (v_pages, v_scales, "v")):
-        if jnp.issubdtype(pool.dtype, jnp.integer) and scales is None:
-            raise ValueError(f"integer {name}_pages need {name}_scales")
+    check_pool_dtype(k_pages, k_scales, "k")
+    check_pool_dtype(v_pages, v_scales, "v")
     g = hq // hkv
     gp = max(16, next_pow2(g))
     ppb = pages_per_block or max(1, 64 // ps)

@@ -4,7 +4,8 @@ Inputs:
 
 * ``q [N, Hq, D]``: a flat batch of query tokens; sequence ``s`` owns rows
   ``cu_q_lens[s]:cu_q_lens[s+1]``; rows past ``cu_q_lens[-1]`` are padding (output 0).
-* ``k_pages, v_pages [P, page_size, Hkv, D]``, ``block_tables [num_seqs, max_pages]``.
+* ``k_pages, v_pages [P, page_size, Hkv, D]`` (float, or bf16 bits in uint16: the CPU
+  pool form, bitcast per loaded block), ``block_tables [num_seqs, max_pages]``.
 * ``kv_lens [num_seqs]``: the KV length of each sequence *including* its new
   tokens (already written to the pages).  Query ``j`` of sequence ``s`` sits at
   position ``kv_lens[s] - q_len_s + j`` and attends causally to keys ``<=`` it.
@@ -39,9 +40,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import (NEG_INF, clamp, compiler_params, dot_nt, finalize,
-                                    init_carry, loop3, next_pow2, online_softmax_step,
-                                    pad_axis, ragged_block_metadata, round_up, scores_base2)
+from pallas_kernels._common import (NEG_INF, check_pool_dtype, clamp, compiler_params,
+                                    dot_nt, finalize, init_carry, loop3, next_pow2,
+                                    online_softmax_step, pad_axis, pool_values,
+                                    ragged_block_metadata, round_up, scores_base2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +91,8 @@ def _ragged_kernel(meta_ref, cu_ref, kvl_ref, bt_ref, q_ref, k_ref, v_ref, o0_re
 
     def body(j, carry, masked):
         ids = bt_ref[seq, pl.ds(j * ppb, ppb)]
-        k = k_ref[ids].reshape(bk, d)
-        v = v_ref[ids].reshape(bk, d)
+        k = pool_values(k_ref[ids]).reshape(bk, d)
+        v = pool_values(v_ref[ids]).reshape(bk, d)
         if k.dtype != q.dtype:  # Triton dots need equal operand types
             k = k.astype(q.dtype)
         s2, _ = scores_base2(dot_nt(q, k), cfg.sm_scale, cfg.soft_cap)
@@ -128,6 +130,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens
         raise ValueError(f"bad shapes q={q.shape} k_pages={k_pages.shape}")
     if not interpret and (d & (d - 1) or ps & (ps - 1)):
         raise NotImplementedError("GPU path needs power-of-two head_dim and page_size")
+    check_pool_dtype(k_pages, None, "k")
+    check_pool_dtype(v_pages, None, "v")
     g = hq // hkv
     gp = next_pow2(g)
     bq = block_q or max(1, 64 // gp)

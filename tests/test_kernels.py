@@ -312,6 +312,93 @@ def test_write_kv_pages(impl):
     assert _maxerr(flat[untouched], k_pages.reshape(-1, hkv, d)[untouched]) == 0.0
 
 
+# ------------------------------------------------------------------------- uint16 pools
+#
+# On CPU a bfloat16 pool is kept as its bits in uint16 arrays (an integer scatter updates it
+# in place; jaxllm.attention.kv_storage_dtype): the kernels bitcast each loaded block.
+
+BF16_TOL = 2e-2  # bfloat16 pool values; the PV product takes bfloat16 probabilities
+
+
+def _bits(x):
+    """The bfloat16 values of ``x`` as the uint16 bits a CPU pool stores."""
+    return jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.bfloat16), jnp.uint16)
+
+
+def _values(bits):
+    """float32 values of a uint16 (bfloat16 bits) pool: the reference's input."""
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32)
+
+
+def _uint16_case(seed: int, num_pages: int):
+    """A uint16 pool pair of random values, shuffled block tables for 4 sequences and
+    their lengths, decode queries, and a ragged batch (cu_q_lens, kv_lens, queries)."""
+    rng = np.random.default_rng(seed)
+    hq, hkv, d, ps = 8, 2, 16, 4
+    kb = _bits(_normal(rng, (num_pages, ps, hkv, d)))
+    vb = _bits(_normal(rng, (num_pages, ps, hkv, d)))
+    bt = jnp.asarray(rng.permutation(num_pages)[:40].reshape(4, 10), jnp.int32)
+    lens = jnp.asarray([7, 40, 23, 1], jnp.int32)
+    cu = jnp.asarray([0, 5, 6, 9, 9], jnp.int32)  # prefill chunks, a decode, an empty seq
+    kvl = jnp.asarray([12, 40, 23, 0], jnp.int32)
+    return kb, vb, bt, lens, _normal(rng, (4, hq, d)), cu, kvl, _normal(rng, (12, hq, d))
+
+
+def test_kernels_read_uint16_pools_as_bfloat16():
+    """Both kernels give a uint16 pool exactly the results of the bfloat16 pool with the
+    same bits, and the reference's on its values."""
+    kb, vb, bt, lens, q, cu, kvl, qr = _uint16_case(8, 40)
+    as_bf16 = [jax.lax.bitcast_convert_type(x, jnp.bfloat16) for x in (kb, vb)]
+    scale = 16 ** -0.5
+    dec = functools.partial(paged_decode_attention, sm_scale=scale, pages_per_split=4,
+                            pages_per_block=2, interpret=True)
+    out = dec(q, kb, vb, bt, lens)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(dec(q, *as_bf16, bt, lens)))
+    ref = R.paged_decode_attention_ref(q, _values(kb), _values(vb), bt, lens, sm_scale=scale)
+    assert _maxerr(out, ref) < BF16_TOL
+    rag = functools.partial(ragged_paged_attention, sm_scale=scale, interpret=True)
+    out = rag(qr, kb, vb, bt, cu, kvl)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(rag(qr, *as_bf16, bt, cu, kvl)))
+    ref = R.ragged_paged_attention_ref(qr, _values(kb), _values(vb), bt, cu, kvl, sm_scale=scale)
+    assert _maxerr(out, ref) < BF16_TOL
+    with pytest.raises(ValueError, match="takes no scales"):
+        dec(q, kb, vb, bt, lens, k_scales=jnp.ones(kb.shape[:3]))
+
+
+def test_pallas_dispatch_reads_uint16_pools_like_xla():
+    """``jaxllm.attention`` with impl="pallas" on CPU (kernels in interpret mode, handed
+    the pages the block tables name) on a uint16 pool with bfloat16 queries, as the
+    bfloat16 engine runs: the XLA path's and the reference's results."""
+    kb, vb, bt, lens, q, cu, kvl, qr = _uint16_case(9, 200)
+    q, qr = q.astype(jnp.bfloat16), qr.astype(jnp.bfloat16)
+    for f, args, ref in (
+            (A.paged_decode_attention, (q, kb, vb, bt, lens), R.paged_decode_attention_ref),
+            (A.ragged_paged_attention, (qr, kb, vb, bt, cu, kvl),
+             R.ragged_paged_attention_ref)):
+        got = f(*args, impl="pallas")
+        assert got.dtype == jnp.bfloat16
+        assert _maxerr(got, f(*args, impl="xla")) < BF16_TOL
+        want = ref(args[0], _values(kb), _values(vb), *args[3:])
+        assert _maxerr(got, want) < BF16_TOL
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_write_and_copy_on_uint16_pools(impl):
+    """Writes (padding slots skipped) and copy-on-write page copies on a uint16 pool store
+    the bits a bfloat16 pool would hold."""
+    rng = np.random.default_rng(10)
+    num_pages, ps, hkv, d = 6, 4, 2, 8
+    kf, vf = _normal(rng, (num_pages, ps, hkv, d)), _normal(rng, (num_pages, ps, hkv, d))
+    k, v = _normal(rng, (7, hkv, d)), _normal(rng, (7, hkv, d))
+    slots = jnp.asarray([5, 0, -1, 23, 9, -1, 14], jnp.int32)
+    nk, nv = A.write_kv_pages(_bits(kf), _bits(vf), k, v, slots, impl=impl)
+    assert nk.dtype == nv.dtype == jnp.uint16
+    rk, rv = R.write_kv_pages_ref(kf.astype(jnp.bfloat16), vf.astype(jnp.bfloat16), k, v, slots)
+    assert _maxerr(_values(nk), rk) == 0.0 and _maxerr(_values(nv), rv) == 0.0
+    src, dst = jnp.asarray([1, 3]), jnp.asarray([4, 3])
+    assert _maxerr(_values(A.copy_kv_pages(nk, src, dst)), A.copy_kv_pages(rk, src, dst)) == 0.0
+
+
 # ------------------------------------------------------------------------- property tests
 
 
@@ -403,6 +490,11 @@ def test_kernels_lower_to_triton_for_cuda():
     pool = S((64, 16, 2, 128), bf)
     assert lower(functools.partial(ragged_paged_attention, sm_scale=0.1), S((40, 8, 128), bf),
                  pool, pool, S((5, 16), jnp.int32), S((6,), jnp.int32), S((5,), jnp.int32)) == 1
+    bits = S((64, 16, 2, 128), jnp.uint16)  # bfloat16 bits (the CPU pool form) lower too
+    assert lower(lambda q, kp, vp, bt, ln: paged_decode_attention(q, kp, vp, bt, ln, sm_scale=0.1),
+                 S((4, 8, 128), bf), bits, bits, S((4, 16), jnp.int32), S((4,), jnp.int32)) == 1
+    assert lower(functools.partial(ragged_paged_attention, sm_scale=0.1), S((40, 8, 128), bf),
+                 bits, bits, S((5, 16), jnp.int32), S((6,), jnp.int32), S((5,), jnp.int32)) == 1
 
 
 def test_xla_paths_with_a_single_query_block():
