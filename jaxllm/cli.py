@@ -68,6 +68,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="prefill whole prompts instead of budget-sized chunks")
     e.add_argument("--static-batching", action="store_true",
                    help="baseline: one padded batch run to completion on a dense cache")
+    e.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding, vLLM's dict as JSON, e.g. "
+                        "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+                        "(docs/spec.md)")
     add_distributed_args(p)  # --tp --pp --dp --microbatches --coordinator --num-processes --process-id
 
 
@@ -110,6 +114,7 @@ def _load(args: argparse.Namespace, max_num_seqs: int = 64):
                max_num_batched_tokens=args.max_num_batched_tokens,
                enable_prefix_caching=args.enable_prefix_caching,
                enable_chunked_prefill=args.enable_chunked_prefill,
+               speculative_config=args.speculative_config,
                static_batching=args.static_batching, lora=args.lora, **parallel_kwargs(args))
 
 
@@ -476,14 +481,46 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     _add_finetune_optim_args(p)
     _add_finetune_model_args(p)
     _add_finetune_run_args(p)
+    _add_finetune_heads_args(p)
     p.set_defaults(func=cmd_finetune)
     return p
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    if args.draft_heads:
+        return _cmd_finetune_heads(args)
     from jaxllm.train.loop import run_finetune  # loaded per command (see the note at the top)
 
     return run_finetune(args)
+
+
+def _cmd_finetune_heads(args: argparse.Namespace) -> int:
+    """``finetune --draft-heads``: the target runs as an ``LLM`` (its engine generates the
+    self-distilled text), which training may not import, so it is built here."""
+    from jaxllm.llm import LLM
+    from jaxllm.train.draft_heads import run_draft_heads
+
+    if args.num_heads < 1 or args.distill_max_tokens < 0:
+        raise ValueError("--num-heads must be >= 1 and --distill-max-tokens >= 0")
+    llm = LLM(args.model, max_num_seqs=64, num_pages=args.distill_pages)
+    return run_draft_heads(args, llm)
+
+
+def _add_finetune_heads_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("draft heads for speculative decoding (docs/spec.md)")
+    g.add_argument("--draft-heads", default=None, choices=["medusa", "eagle"],
+                   help="train Medusa or EAGLE heads on the frozen --model instead of the "
+                        "model itself; --data records are prompts the model answers "
+                        "(self-distillation); OUT is the heads directory")
+    g.add_argument("--num-heads", type=int, default=4,
+                   help="Medusa heads / EAGLE chain steps trained (default: 4)")
+    g.add_argument("--distill-max-tokens", type=int, default=128,
+                   help="tokens the model generates per prompt (0: train on --data's own "
+                        "tokens instead; default: 128)")
+    g.add_argument("--distill-pages", type=int, default=2048,
+                   help="KV pages of the generating engine (default: 2048)")
+    g.add_argument("--feature-weight", type=float, default=1.0,
+                   help="EAGLE: weight of the feature regression loss (default: 1.0)")
 
 
 def _add_finetune_data_args(p: argparse.ArgumentParser) -> None:

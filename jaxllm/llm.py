@@ -23,6 +23,7 @@ from jaxllm.models import llama
 from jaxllm.outputs import RequestOutput, TextTracker
 from jaxllm.quant import QuantConfig, quantize_params
 from jaxllm.sampling import SamplingParams, per_prompt
+from jaxllm.spec.config import SpeculativeConfig
 from jaxllm.tokenizer import encode_prompt
 from jaxllm.train.lora import load_lora  # adapter I/O only: no optimizer, no training loop
 from jaxllm.weights import load_model
@@ -68,6 +69,9 @@ class LLM:
         **engine_args: the engine's arguments, :class:`jaxllm.engine.EngineConfig`'s fields
             (``page_size``, ``num_pages``, ``max_num_seqs``, ...); an unknown name raises
             TypeError.  The resolved config is ``llm.engine_config``.
+            ``speculative_config`` (vLLM's dict, e.g. ``{"method": "ngram",
+            "num_speculative_tokens": 4}``) turns on speculative decoding (docs/spec.md);
+            it is checked before the weights load.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str = "float32",
@@ -81,6 +85,12 @@ class LLM:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         EngineConfig.check_names(engine_args)  # before the weights load: a typo fails fast
+        if engine_args.get("speculative_config") is not None:  # a bad one, too
+            engine_args["speculative_config"] = SpeculativeConfig.parse(
+                engine_args["speculative_config"])
+            if static_batching:
+                raise ValueError("speculative_config needs the paged engine "
+                                 "(drop static_batching=True)")
         self.quantization = _check_quantization(quantization, tp * pp * dp)
         self.attention_impl = resolve_impl(attention_impl)
         if compilation_cache:

@@ -104,6 +104,22 @@ def test_allocate_append_free_accounting():
     alloc.check_invariants()
 
 
+def test_truncate_releases_tail_blocks_only():
+    alloc = BlockAllocator(9, 4, enable_prefix_caching=True)  # 8 usable
+    seq = make_seq(range(6))  # 2 blocks, the first full (committed after compute)
+    admit(alloc, seq)
+    FakeKV(alloc).compute(seq, 6)
+    alloc.append_slots(seq, 8)  # room for 8 speculative tokens: 14 slots, 4 blocks
+    assert len(seq.block_table) == 4 and alloc.num_free_blocks == 4
+    head = seq.block_table[:2]
+    alloc.truncate(seq, 7)  # one accepted token: 7 slots need 2 blocks
+    assert seq.block_table == head and alloc.num_free_blocks == 6
+    alloc.check_invariants()
+    with pytest.raises(ValueError, match="committed"):
+        alloc.truncate(seq, 0)  # the full first block is in the prefix cache
+    assert seq.block_table == head
+
+
 def test_out_of_blocks():
     alloc = BlockAllocator(3, 4)  # 2 usable
     a = make_seq(range(8))

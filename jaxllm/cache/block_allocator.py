@@ -376,6 +376,19 @@ class BlockAllocator:
             self._decref(b)
         seq.block_table = []
 
+    def truncate(self, seq: SeqLike, num_tokens: int) -> None:
+        """Release ``seq``'s blocks past those its first ``num_tokens`` tokens need (slots
+        written for rejected speculative tokens, or unused look-ahead), last first as
+        :meth:`free` does.  Committed (hashed) blocks are never released this way."""
+        table = self._tables[seq.seq_id]
+        keep = self.num_blocks_for_tokens(num_tokens)
+        if keep < self._num_committed[seq.seq_id]:
+            raise ValueError(f"cannot truncate sequence {seq.seq_id} to {num_tokens} tokens: "
+                             f"its first {self._num_committed[seq.seq_id]} blocks are "
+                             f"committed to the prefix cache")
+        while len(table) > keep:
+            self._decref(table.pop())
+
     # ------------------------------------------------------------------ prefix cache
     def commit_tokens(self, seq: SeqLike, num_computed_tokens: int | None = None) -> None:
         """Register the sequence's newly *full and computed* blocks in the prefix cache.

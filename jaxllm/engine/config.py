@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from jaxllm.config import ModelConfig
+from jaxllm.spec.config import SpeculativeConfig
 
 __all__ = ["EngineConfig"]
 
@@ -35,6 +36,9 @@ class EngineConfig:
             between (1: always one).
         attention_impl: "auto" | "xla" | "pallas".
         seed: seeds the random seeds of requests that set none.
+        speculative_config: speculative decoding (vLLM's dict, a JSON string of one, or a
+            :class:`~jaxllm.spec.config.SpeculativeConfig`); None: off.  Parsed by
+            :meth:`validate`.
     """
 
     max_model_len: int
@@ -49,6 +53,7 @@ class EngineConfig:
     num_scheduler_steps: int = 8
     attention_impl: str = "auto"
     seed: int = 0
+    speculative_config: SpeculativeConfig | Mapping[str, Any] | str | None = None
 
     @classmethod
     def check_names(cls, args: Mapping[str, Any]) -> None:
@@ -85,6 +90,7 @@ class EngineConfig:
             bad("max_num_batched_tokens", "must be >= 1")
         if self.num_scheduler_steps < 1:
             bad("num_scheduler_steps", "must be >= 1")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "

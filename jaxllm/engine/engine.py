@@ -11,6 +11,12 @@ One :meth:`LLMEngine.step` is three calls:
 3. ``OutputProcessor.process`` appends them, forks n > 1 children / advances beams, checks
    stops and returns a :class:`RequestOutput` for every request that changed.
 
+With a ``speculative_config`` the engine first asks its proposer for draft tokens for
+the sequences about to decode (:meth:`LLMEngine._propose`: adaptive per-request ``k``,
+switched off when the batch is large); the scheduler turns those decodes into verifies,
+the runner verifies them in the same step as everything else, and the processor appends
+the kept tokens (docs/spec.md).
+
 Requests are validated completely (:meth:`LLMEngine.prepare_request`) before anything
 touches the scheduler or the pool, so a bad request never disturbs the others;
 :meth:`LLMEngine.abort` frees every page of a request at once.
@@ -35,6 +41,8 @@ from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
 from jaxllm.engine.sequence import SequenceStatus
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling import SamplingParams, per_prompt
+from jaxllm.spec.controller import SpecStats, Speculator
+from jaxllm.spec.proposer import Draft, DraftRequest, TargetModel, build_proposer
 from jaxllm.tokenizer import encode_prompt
 
 __all__ = ["EngineConfig", "EngineStats", "LLMEngine", "StepPlan"]
@@ -51,6 +59,7 @@ class EngineStats:
     kv_slots_used: int = 0  # sums over steps (tracked when track_kv_usage)
     kv_slots_allocated: int = 0
     kv_pool_slots: int = 0
+    spec: dict[str, SpecStats] = dataclasses.field(default_factory=dict)  # per method
 
 
 @dataclasses.dataclass
@@ -63,6 +72,7 @@ class StepPlan:
     num_steps: int = 1  # tokens per dispatch
     extra_copies: Any = ()  # copy-on-write copies of the look-ahead reservation
     block_tables: list[tuple[int, ...]] | None = None  # tables after it (None: no look-ahead)
+    draft_probs: list[Any] | None = None  # per entry: a verify's draft distributions or None
 
 
 class LLMEngine:
@@ -84,6 +94,7 @@ class LLMEngine:
                  config: EngineConfig | None = None, model: Any = None,
                  **kwargs: Any) -> None:
         config = EngineConfig.resolve(cfg, config, **kwargs)
+        spec = config.speculative_config
         self.config = config
         self.cfg = cfg
         self.params = params
@@ -116,13 +127,35 @@ class LLMEngine:
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   impl=resolve_impl(config.attention_impl),
                                   min_stop_width=len(self.eos_token_ids),
-                                  num_scheduler_steps=config.num_scheduler_steps)
+                                  num_scheduler_steps=config.num_scheduler_steps,
+                                  num_speculative_tokens=spec.num_speculative_tokens
+                                  if spec is not None else 0)
         self.stats = EngineStats(kv_pool_slots=self.pool.num_slots)
+        self.speculator: Speculator | None = None
+        self._hidden: dict[int, Any] = {}  # seq id -> state of its last token (draft heads)
+        if spec is not None:
+            target = TargetModel(params, cfg, config.max_model_len, config.page_size,
+                                 resolve_impl(config.attention_impl), self.pool.num_pages,
+                                 config.max_num_seqs, config.max_num_batched_tokens,
+                                 jnp.dtype(params["embed"].dtype).name)
+            self.use_speculator(Speculator(spec, build_proposer(spec, target), cfg.vocab_size))
         self.track_kv_usage = False
         self.processor = OutputProcessor(self.scheduler, tokenizer, self.eos_token_ids,
                                          cfg.vocab_size, self.stats, seed=config.seed)
         self._ids = itertools.count()
         self.request_id_prefix = "req"  # data-parallel replicas make theirs distinct
+
+    def use_speculator(self, speculator: Speculator | None) -> None:
+        """Speculate with ``speculator`` from the next step on (None: stop).  Its draft
+        width must not exceed the configured ``num_speculative_tokens`` (the verify
+        programs' width)."""
+        if speculator is not None:
+            if speculator.max_tokens > self.runner.num_speculative_tokens:
+                raise ValueError(f"num_speculative_tokens={speculator.max_tokens} exceeds the "
+                                 f"engine's {self.runner.num_speculative_tokens}")
+            self.stats.spec[speculator.method] = speculator.stats
+        self.speculator = speculator
+        self.runner.return_hidden = speculator is not None and speculator.needs_hidden
 
     # ------------------------------------------------------------------ requests
 
@@ -195,31 +228,78 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return the outputs of every request that changed
         (finished ones with ``finished=True``)."""
-        batch = self.scheduler.schedule()
+        drafts = self._propose()
+        batch = self.scheduler.schedule({sid: d.token_ids for sid, d in drafts.items()})
         outputs = self.processor.on_schedule(batch)
         if batch.is_empty:
             return outputs
         self.stats.steps += 1
-        plan = self._plan(batch)
+        plan = self._plan(batch, drafts)
         try:
             result = self.runner.execute(batch, plan.rows, prompt_lp=plan.prompt_lp,
                                          prompt_next_ids=plan.prompt_next_ids,
                                          num_steps=plan.num_steps,
                                          extra_copies=plan.extra_copies,
-                                         block_tables=plan.block_tables)
+                                         block_tables=plan.block_tables,
+                                         draft_probs=plan.draft_probs)
         except Exception:
             self._fail_all(batch, "engine step failed")
             raise
         self._count_dispatch(batch, plan)
+        self._record_verifies(batch, result)
+        if result.hidden is not None:
+            self._hidden.update((e.seq_id, h) for e, h in zip(batch.scheduled_seqs,
+                                                              result.hidden) if h is not None)
         outputs += self.processor.process(batch, plan.rows, result)
         if self.track_kv_usage:
             self._track_kv()
         return outputs
 
-    def _plan(self, batch: SchedulerOutput) -> StepPlan:
+    def _propose(self) -> dict[int, Draft]:
+        """Drafts for the sequences about to decode (``{seq_id: Draft}``): none without a
+        speculator or when the batch is large enough that verifying costs more than it
+        saves; a draft never runs past a request's ``max_tokens`` (or the context limit)."""
+        spec = self.speculator
+        if spec is None:
+            return {}
+        gone = [sid for sid in spec.tracked() if (s := self.scheduler.get_seq(sid)) is None
+                or s.status is not SequenceStatus.RUNNING]
+        spec.release(gone)  # finished or preempted
+        for sid in [sid for sid in self._hidden if (s := self.scheduler.get_seq(sid)) is None
+                    or s.status is not SequenceStatus.RUNNING]:
+            del self._hidden[sid]
+        seqs = self.scheduler.decoding_seqs()
+        if not seqs or not spec.enabled_for(len(seqs)):
+            return {}
+        asks = []
+        for s in seqs:
+            req = self.processor.requests.get(s.request_id)
+            if req is None or not self.processor.can_speculate(req, s.seq_id):
+                continue
+            k = min(spec.max_tokens, req.max_out - s.num_output_tokens - 1)
+            hidden = self._hidden.get(s.seq_id)
+            if k >= 1 and (hidden is not None or not spec.needs_hidden):
+                row = req.rows[req.index.get(s.seq_id, 0)]
+                asks.append(DraftRequest(s.seq_id, s.token_ids, k, row.temperature, row.seed,
+                                         s.num_output_tokens, hidden))
+        return spec.propose(asks)
+
+    def _record_verifies(self, batch: SchedulerOutput, result) -> None:
+        """Tell the speculator how many drafted tokens each verify kept."""
+        if self.speculator is None or not batch.num_verify_tokens:
+            return
+        self.speculator.stats.spec_steps += 1
+        for e, toks in zip(batch.scheduled_seqs, result.tokens):
+            if e.draft_ids:
+                self.speculator.record(e.seq_id, len(e.draft_ids), len(toks[0]) - 1)
+
+    def _plan(self, batch: SchedulerOutput, drafts: dict[int, Draft] | None = None) -> StepPlan:
         """The rows to sample; for a decode-only batch also the multi-step look-ahead."""
         plan = StepPlan(*self.processor.sample_rows(batch))
-        if batch.num_prefill_tokens:
+        if batch.num_verify_tokens:
+            plan.draft_probs = [drafts[e.seq_id].probs if e.draft_ids else None
+                                for e in batch.scheduled_seqs]
+        if batch.num_prefill_tokens or batch.num_verify_tokens:
             return plan
         allow, plan.extra_copies, plan.block_tables = self._reserve_lookahead(batch, plan.rows)
         # decode-only steps always run the k-token program (one compiled shape per batch

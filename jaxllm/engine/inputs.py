@@ -6,8 +6,16 @@ pads every array to a bucket so the set of compiled programs stays small.  Sampl
 one per decode, one per prefill sequence that reaches the end of its known tokens (a
 request with n > 1 samples its first n tokens from one prefill row).
 
-Shapes: ``T = D + P`` flat tokens, ``S`` prefill sequences, ``R = D + S`` sample rows,
-``W = pow2(ceil(max_model_len / page_size))`` block-table width, ``C`` page copies.
+Speculative decoding: a *verify* entry (a decode with draft tokens) feeds its token and
+drafts as decode rows, one per token, each attending to the sequence's pages up to and
+including itself (the step's K/V is written before attention), so the decode attention
+computes the verify's causal multi-token query.  Its rows are listed in
+``ver_idx`` so the step scores every one of them and verifies the drafts
+(``jaxllm.spec.rejection``).
+
+Shapes: ``T = D + P`` flat tokens (``D`` decode and verify rows), ``S`` prefill
+sequences, ``R = D + S`` sample rows, ``W = pow2(ceil(max_model_len / page_size))`` block-table width, ``C`` page copies,
+``B`` verify rows, ``K`` draft tokens per verify row, ``V`` the vocabulary.
 """
 
 from __future__ import annotations
@@ -79,10 +87,15 @@ class StepSpec(NamedTuple):
     num_copies: int
     stop_width: int
     penalty_lens: tuple[int, int]  # (output ids, prompt ids) widths; (0, 0) without penalties
+    num_verify: int = 0  # B: verify rows (speculative decoding; 0: none)
+    num_draft: int = 0  # K: draft tokens per verify row
+    draft_probs: bool = False  # the drafts come with their distributions (else point masses)
+    return_hidden: bool = False  # return each sample row's final hidden state (draft heads)
 
     @property
     def decode_only(self) -> bool:
-        return self.num_prefill_tokens == 0
+        """Decode rows only, no verify: the multi-token decode loop can run."""
+        return self.num_prefill_tokens == 0 and self.num_verify == 0
 
     @property
     def num_rows(self) -> int:
@@ -118,14 +131,22 @@ class StepInputs:
     copy_src: np.ndarray | None = None  # [C] int32 copy-on-write page copies src -> dst
     copy_dst: np.ndarray | None = None  # [C] int32
     next_ids: np.ndarray | None = None  # [P] int32 prompt token after each fed token (-1)
+    ver_idx: np.ndarray | None = None  # [B, K+1] int32 flat rows of a verify's fed tokens
+    ver_row: np.ndarray | None = None  # [B] int32 its sample row (sampling parameters)
+    ver_draft: np.ndarray | None = None  # [B, K] int32 its draft tokens (-1: padding)
+    ver_num: np.ndarray | None = None  # [B] int32 how many (0: padding row)
+    ver_probs: np.ndarray | None = None  # [B, K, V] float32 draft distributions (draft_probs)
 
 
 class TokenLayout(NamedTuple):
     """Host-only bookkeeping of where each scheduled entry landed."""
 
-    dec_rows: np.ndarray  # [num decodes] the flat/sample row of decode entry i
+    dec_rows: np.ndarray  # [decode entries] the flat/sample row of decode entry i (a
+    #                       verify: its last fed token)
     last: np.ndarray  # [num entries] flat index of each entry's last fed token
     sample_rows: tuple[tuple[int, ...], ...] = ()  # per entry: the sample rows it owns
+    verify_rows: tuple[int, ...] = ()  # per entry: its verify row (-1: not a verify)
+    entry_rows: tuple[tuple[int, ...], ...] = ()  # per decode entry: its flat rows
 
 
 # ------------------------------------------------------------------------------ packing
@@ -135,9 +156,12 @@ def pack_inputs(spec: StepSpec, out: SchedulerOutput, rows: list[list[SampleRow]
                 copies: Sequence[tuple[int, int]] = (),
                 prompt_lp: Sequence[int] | None = None,
                 prompt_next_ids: Sequence[Sequence[int] | None] | None = None,
-                block_tables: Sequence[Sequence[int]] | None = None
+                block_tables: Sequence[Sequence[int]] | None = None,
+                draft_probs: Sequence[object] | None = None
                 ) -> tuple[StepInputs, TokenLayout]:
-    """The arrays of one step (``rows[i]``: the sample rows of scheduled entry ``i``)."""
+    """The arrays of one step (``rows[i]``: the sample rows of scheduled entry ``i``;
+    ``draft_probs[i]``: a verify entry's draft distributions ``[k, V]``, when
+    ``spec.draft_probs``)."""
     tok, layout = _pack_tokens(spec, out, table_width, page_size, block_tables)
     layout = layout._replace(sample_rows=_sample_rows(spec, out, rows, layout.dec_rows))
     flat = [(k, r) for ks, rs in zip(layout.sample_rows, rows) for k, r in zip(ks, rs)]
@@ -148,24 +172,33 @@ def pack_inputs(spec: StepSpec, out: SchedulerOutput, rows: list[list[SampleRow]
         inputs.copy_src, inputs.copy_dst = _pack_copies(spec.num_copies, copies)
     if spec.prompt_logprobs >= 0:
         inputs.next_ids = _pack_next_ids(spec, out, prompt_lp, prompt_next_ids)
+    if spec.num_verify:
+        layout = _pack_verify(spec, out, inputs, layout, draft_probs, vocab_size)
     return inputs, layout
 
 
 def _pack_tokens(spec: StepSpec, out: SchedulerOutput, W: int, page_size: int,
                  block_tables) -> tuple[dict, TokenLayout]:
     """Token rows, positions, slots and the attention metadata of both parts."""
-    seqs, nd = out.scheduled_seqs, out.num_decode_tokens
+    seqs, nd = out.scheduled_seqs, out.num_decode_entries
     D, P, S = spec.num_decodes, spec.num_prefill_tokens, spec.num_prefill_seqs
     T = D + P
     ids, pos = np.zeros(T, np.int32), np.zeros(T, np.int32)
     tabs = np.zeros((len(seqs), W), np.int32)
     row_of = np.zeros(T, np.int64)  # entry of each flat token
     last = np.zeros(len(seqs), np.int32)
-    # decode rows sorted by context length, padding first: the decode attention runs in
-    # groups of rows and each group costs (rows x its longest context)
-    order = sorted(range(nd), key=lambda i: seqs[i].end_pos)
-    drow = np.zeros(nd, np.int64)
-    drow[order] = np.arange(D - nd, D)
+    # decode rows (a verify: one per fed token, context up to and including it) sorted
+    # by context length, padding first: the decode attention runs in groups of rows and
+    # each group costs (rows x its longest context)
+    dec = [(i, j) for i in range(nd) for j in range(seqs[i].num_tokens)]
+    kv = [seqs[i].start_pos + j + 1 for i, j in dec]
+    order = sorted(range(len(dec)), key=lambda r: kv[r])
+    drow = np.zeros(len(dec), np.int64)
+    drow[order] = np.arange(D - len(dec), D)
+    entry_rows: list[list[int]] = [[] for _ in range(nd)]
+    for r, (i, j) in zip(drow, dec):
+        entry_rows[i].append(int(r))
+        ids[r], pos[r], row_of[r] = seqs[i].token_ids[j], seqs[i].start_pos + j, i
     pf_cu, pf_kv = np.zeros(S + 1, np.int32), np.zeros(S, np.int32)
     c = D
     for i, e in enumerate(seqs):
@@ -173,8 +206,7 @@ def _pack_tokens(spec: StepSpec, out: SchedulerOutput, W: int, page_size: int,
         n = min(len(table), W)
         tabs[i, :n] = table[:n]
         if i < nd:
-            r = drow[i]
-            ids[r], pos[r], row_of[r], last[i] = e.token_ids[0], e.start_pos, i, r
+            last[i] = entry_rows[i][-1]
         else:
             k = e.num_tokens
             ids[c:c + k] = e.token_ids
@@ -186,28 +218,29 @@ def _pack_tokens(spec: StepSpec, out: SchedulerOutput, W: int, page_size: int,
             last[i] = c - 1
     pf_cu[len(seqs) - nd + 1:] = c - D
     live = np.zeros(T, bool)
-    live[D - nd:D] = True
+    live[D - len(dec):D] = True
     live[D:c] = True
     slots = np.full(T, PAD_SLOT, np.int32)
     slots[live] = slot_mapping_array(tabs[row_of[live]], pos[live], page_size)
     arrays = dict(input_ids=ids, positions=pos, slot_mapping=slots)
     if D:
         dec_t, dec_kv = np.zeros((D, W), np.int32), np.zeros(D, np.int32)
-        dec_t[drow] = tabs[:nd]
-        dec_kv[drow] = [e.end_pos for e in seqs[:nd]]
+        dec_t[drow] = tabs[[i for i, _ in dec]]
+        dec_kv[drow] = kv
         arrays.update(dec_tables=dec_t, dec_kv_lens=dec_kv)
     if P:
         pf_t = np.zeros((S, W), np.int32)
         pf_t[:len(seqs) - nd] = tabs[nd:]
         arrays.update(pf_tables=pf_t, pf_cu_q_lens=pf_cu, pf_kv_lens=pf_kv)
-    return arrays, TokenLayout(drow, last)
+    return arrays, TokenLayout(last[:nd], last,
+                               entry_rows=tuple(tuple(rs) for rs in entry_rows))
 
 
 def _sample_rows(spec: StepSpec, out: SchedulerOutput, rows: list[list[SampleRow]],
                  dec_rows: np.ndarray) -> tuple[tuple[int, ...], ...]:
     """Per scheduled entry, the sample-row indices of its ``rows``: decode ``i`` samples
-    at its flat row, prefill rows follow from ``D`` on."""
-    nd, r_pf, out_rows = out.num_decode_tokens, spec.num_decodes, []
+    at its flat row (a verify at its last), prefill rows follow from ``D`` on."""
+    nd, r_pf, out_rows = out.num_decode_entries, spec.num_decodes, []
     for i, rs in enumerate(rows):
         if i < nd:
             assert len(rs) == 1, "a decode samples exactly one row"
@@ -265,9 +298,37 @@ def _pack_copies(width: int, copies: Sequence[tuple[int, int]]) -> tuple[np.ndar
     return src, dst
 
 
+def _pack_verify(spec: StepSpec, out: SchedulerOutput, inputs: StepInputs,
+                 layout: TokenLayout, draft_probs, vocab: int) -> TokenLayout:
+    """The verify arrays: each verify entry's fed rows (its token, then its drafts), its
+    sample row, drafts and (when the proposer sampled them) their distributions."""
+    B, K = spec.num_verify, spec.num_draft
+    idx, row = np.zeros((B, K + 1), np.int32), np.zeros(B, np.int32)
+    drafts, num = np.full((B, K), -1, np.int32), np.zeros(B, np.int32)
+    probs = np.zeros((B, K, vocab), np.float32) if spec.draft_probs else None
+    vrows, v = [-1] * out.num_seqs, 0
+    for i, e in enumerate(out.scheduled_seqs):
+        if not e.draft_ids:
+            continue
+        k, fed = len(e.draft_ids), layout.entry_rows[i]
+        idx[v] = [fed[min(j, k)] for j in range(K + 1)]  # padding repeats the last row
+        row[v], drafts[v, :k], num[v] = layout.sample_rows[i][0], e.draft_ids, k
+        if probs is not None:
+            q = draft_probs[i] if draft_probs is not None else None
+            # a point-mass draft next to sampled ones: q is one-hot on each token
+            probs[v, np.arange(k), e.draft_ids] = 1.0
+            if q is not None:
+                probs[v, :k] = np.asarray(q, np.float32)[:k]
+        vrows[i] = v
+        v += 1
+    inputs.ver_idx, inputs.ver_row, inputs.ver_draft, inputs.ver_num = idx, row, drafts, num
+    inputs.ver_probs = probs
+    return layout._replace(verify_rows=tuple(vrows))
+
+
 def _pack_next_ids(spec: StepSpec, out: SchedulerOutput, prompt_lp, prompt_next_ids) -> np.ndarray:
     nxt = np.full(spec.num_prefill_tokens, -1, np.int32)
-    c, nd = 0, out.num_decode_tokens
+    c, nd = 0, out.num_decode_entries
     for i, e in enumerate(out.scheduled_seqs[nd:], start=nd):
         nx = prompt_next_ids[i] if prompt_next_ids is not None else None
         if nx is not None and prompt_lp[i] >= 0:

@@ -171,6 +171,13 @@ class OutputProcessor:
         """Requests running, or finished ones whose outputs the next step returns."""
         return bool(self.requests) or bool(self._finished)
 
+    def can_speculate(self, req: RequestState, seq_id: int) -> bool:
+        """Whether a sequence may verify drafts: not beam search (the host picks every
+        token), no log-probs (a verify returns only the kept ids), and not an n > 1
+        request before its first token (that step samples its n first tokens)."""
+        return (req.beam is None and (req.forked or req.num_seqs == 1)
+                and req.rows[req.index.get(seq_id, 0)].logprobs < 0)
+
     def uses_beam_search(self, batch: SchedulerOutput) -> bool:
         return any(self.requests[e.request_id].beam is not None for e in batch.scheduled_seqs)
 
@@ -223,7 +230,8 @@ class OutputProcessor:
         """Apply one step's sampled tokens; return the outputs of the requests that changed
         (unfinished first, then the ones that finished).  A request whose host-side
         processing raises ends alone (finish_reason "abort")."""
-        self.scheduler.update(batch, [rs[0][0] if rs else None for rs in result.tokens])
+        self.scheduler.update(batch, [(rs[0] if e.draft_ids else rs[0][0]) if rs else None
+                                      for e, rs in zip(batch.scheduled_seqs, result.tokens)])
         touched: dict[str, RequestState] = {}
         for i, e in enumerate(batch.scheduled_seqs):
             req = self.requests.get(e.request_id)
@@ -234,7 +242,7 @@ class OutputProcessor:
             if not rows[i]:
                 continue
             try:
-                self._apply(req, e.seq_id, result, i)
+                self._apply(req, e, result, i)
             except Exception as exc:
                 log.exception("request %s failed", req.request_id)
                 self.scheduler.abort(req.request_id)
@@ -245,15 +253,17 @@ class OutputProcessor:
         outputs = [self.output(r) for r in touched.values() if not r.finished]
         return outputs + self.take_finished()
 
-    def _apply(self, req: RequestState, seq_id: int, result: StepResult, i: int) -> None:
-        """Scheduled entry ``i`` (sequence ``seq_id``) sampled: append, fork, stop."""
+    def _apply(self, req: RequestState, e: ScheduledSequence, result: StepResult,
+               i: int) -> None:
+        """Scheduled entry ``i`` (``e``) sampled: append, fork, stop."""
+        seq_id = e.seq_id
         seq = self.scheduler.get_seq(seq_id)
         if seq is None or seq.status is not SequenceStatus.RUNNING:
             return
         toks = result.tokens[i]
         lps = result.logprobs[i] if result.logprobs is not None else None
-        if len(toks[0]) > 1:  # multi-step decode: the scheduler got only the first
-            self.scheduler.extend_decoded(seq_id, toks[0][1:])
+        if len(toks[0]) > 1 and not e.draft_ids:  # multi-step decode: the scheduler got
+            self.scheduler.extend_decoded(seq_id, toks[0][1:])  # only the first (a verify: all)
         self.stats.generated_tokens += len(toks[0])
         if req.beam is not None:
             if beam_step(req.beam, self.scheduler, seq, lps[0][0], req.max_out, req.index):

@@ -74,13 +74,16 @@ class StepResult:
     (empty when the entry did not sample).  ``logprobs[i][r]`` (when asked) is a list, per
     new token, of ``(chosen_logprob, top_ids, top_logprobs)``.  ``prompt_logprobs[i]``:
     ``(positions, chosen, top_ids, top_lps)`` for the fed tokens whose next token is a
-    prompt token (positions ``p`` -> logprob of prompt token ``p + 1``).
+    prompt token (positions ``p`` -> logprob of prompt token ``p + 1``).  ``hidden[i]``
+    (runners built with ``return_hidden``): the final hidden state ``[D]`` float32 that
+    entry ``i``'s last new token was read from (None when it sampled nothing).
     """
 
     tokens: list[list[list[int]]]
     logprobs: list[list[list[tuple]]] | None = None
     prompt_logprobs: list[tuple | None] | None = None
     spec: StepSpec | None = None
+    hidden: list[np.ndarray | None] | None = None
 
 
 # ------------------------------------------------------------------------------ host runner
@@ -90,7 +93,8 @@ class ModelRunner:
 
     def __init__(self, params, cfg: ModelConfig, pool: PagePool, *, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, impl: str = "xla",
-                 min_stop_width: int = 1, num_scheduler_steps: int = 1) -> None:
+                 min_stop_width: int = 1, num_scheduler_steps: int = 1,
+                 num_speculative_tokens: int = 0, return_hidden: bool = False) -> None:
         self.params = params
         self.cfg = cfg
         self.pool = pool
@@ -112,6 +116,13 @@ class ModelRunner:
                                                   start=min(16, max_num_batched_tokens))
         self.prefill_seq_buckets = _pow4_buckets(min(max_num_seqs, max_num_batched_tokens))
         self.num_scheduler_steps = num_scheduler_steps  # tokens per decode-only dispatch
+        # draft tokens per verify row: one width, so verify steps share programs
+        self.num_speculative_tokens = num_speculative_tokens
+        if num_speculative_tokens:  # verify rows: up to k + 1 decode rows per sequence
+            rows = max_num_seqs * (num_speculative_tokens + 1)
+            self.verify_row_buckets = pow2_buckets(rows)
+            self.mixed_decode_buckets = (0,) + tuple(x for x in _pow4_buckets(rows) if x > 1)
+        self.return_hidden = return_hidden  # hidden states back with the tokens (draft heads)
         self.num_dispatches = 0
         self.specs_seen: set[StepSpec] = set()
         # decode programs compiled ahead of time, in a background thread, while the prefill
@@ -158,15 +169,17 @@ class ModelRunner:
     # -- shapes -------------------------------------------------------------------------
 
     def _spec(self, out: SchedulerOutput, rows: list[list[SampleRow]], prompt_lp: Sequence[int],
-              num_steps: int, num_copies: int) -> StepSpec:
+              num_steps: int, num_copies: int, draft_probs: bool = False) -> StepSpec:
         flat_rows = [r for rs in rows for r in rs]
         params = [r.params for r in flat_rows]
-        nd = out.num_decode_tokens
+        nd = out.num_decode_entries
         npf_seqs = out.num_seqs - nd
+        dec_rows = out.num_decode_tokens + out.num_verify_tokens
         if out.num_prefill_tokens == 0:
-            d, p, s = _pick(self.decode_buckets, nd), 0, 0
+            buckets = self.verify_row_buckets if out.num_verify_tokens else self.decode_buckets
+            d, p, s = _pick(buckets, dec_rows), 0, 0
         else:
-            d = _pick(self.mixed_decode_buckets, nd)
+            d = _pick(self.mixed_decode_buckets, dec_rows)
             p = _pick(self.prefill_token_buckets, out.num_prefill_tokens)
             pf_rows = sum(len(rs) for rs in rows[nd:])
             s = _pick(self.prefill_seq_buckets, max(npf_seqs, pf_rows))
@@ -187,10 +200,23 @@ class ModelRunner:
             pen = (_pow2(max(16, max(len(r.output_ids) + num_steps for r in flat_rows))),
                    _pow2(max(16, max(len(r.prompt_ids) for r in flat_rows))))
         copies = 0 if not num_copies else max(4, _pow2(num_copies))
+        nv, nk = self._verify_shape(out)
         return StepSpec(num_decodes=d, num_prefill_tokens=p, num_prefill_seqs=s,
-                        num_steps=num_steps if not p else 1, flags=flags, logprobs=lp,
+                        num_steps=num_steps if not p and not nv else 1, flags=flags,
+                        logprobs=lp,
                         prompt_logprobs=plp, num_copies=copies, stop_width=stop_w,
-                        penalty_lens=pen)
+                        penalty_lens=pen, num_verify=nv, num_draft=nk,
+                        draft_probs=draft_probs and nv > 0, return_hidden=self.return_hidden)
+
+    def _verify_shape(self, out: SchedulerOutput) -> tuple[int, int]:
+        """``(B, K)``: verify rows (bucketed like prefill sequences) and draft width."""
+        lens = [len(e.draft_ids) for e in out.scheduled_seqs if e.draft_ids]
+        if not lens:
+            return 0, 0
+        if max(lens) > self.num_speculative_tokens:
+            raise ValueError(f"a draft of {max(lens)} tokens exceeds num_speculative_tokens "
+                             f"({self.num_speculative_tokens})")
+        return _pick(self.prefill_seq_buckets, len(lens)), self.num_speculative_tokens
 
     # -- arrays ---------------------------------------------------------------------------
 
@@ -198,19 +224,23 @@ class ModelRunner:
               prompt_lp: Sequence[int] | None = None,
               prompt_next_ids: Sequence[Sequence[int] | None] | None = None,
               num_steps: int = 1, extra_copies: Sequence[tuple[int, int]] = (),
-              block_tables: Sequence[Sequence[int]] | None = None):
+              block_tables: Sequence[Sequence[int]] | None = None,
+              draft_probs: Sequence[Any] | None = None):
         """``(spec, inputs, layout)`` for ``out``.  ``rows[i]``: the sample rows of scheduled
         entry ``i`` (empty if it does not sample; exactly one for a decode);
         ``prompt_lp[i]``: prompt log-probs width wanted for entry ``i`` (-1: none) and
         ``prompt_next_ids[i]`` the prompt token following each of its fed tokens (-1: none);
         ``block_tables`` overrides the entries' snapshots (multi-step decode reserves
-        look-ahead pages after scheduling)."""
+        look-ahead pages after scheduling); ``draft_probs[i]``: verify entry ``i``'s draft
+        distributions ``[k, V]`` (None: point masses)."""
         prompt_lp = list(prompt_lp) if prompt_lp is not None else [-1] * out.num_seqs
         copies = list(out.blocks_to_copy) + list(extra_copies)
-        spec = self._spec(out, rows, prompt_lp, num_steps, len(copies))
+        has_probs = draft_probs is not None and any(q is not None for q in draft_probs)
+        spec = self._spec(out, rows, prompt_lp, num_steps, len(copies), has_probs)
         inputs, layout = pack_inputs(spec, out, rows, self.table_width, self.page_size,
                                      self.cfg.vocab_size, copies=copies, prompt_lp=prompt_lp,
-                                     prompt_next_ids=prompt_next_ids, block_tables=block_tables)
+                                     prompt_next_ids=prompt_next_ids, block_tables=block_tables,
+                                     draft_probs=draft_probs)
         return spec, inputs, layout
 
     # -- run -------------------------------------------------------------------------------
@@ -220,10 +250,11 @@ class ModelRunner:
                 prompt_next_ids: Sequence[Sequence[int] | None] | None = None,
                 num_steps: int = 1,
                 extra_copies: Sequence[tuple[int, int]] = (),
-                block_tables: Sequence[Sequence[int]] | None = None) -> StepResult:
+                block_tables: Sequence[Sequence[int]] | None = None,
+                draft_probs: Sequence[Any] | None = None) -> StepResult:
         """Run one step (arguments as :meth:`build`)."""
         spec, inputs, layout = self.build(out, rows, prompt_lp, prompt_next_ids, num_steps,
-                                          extra_copies, block_tables)
+                                          extra_copies, block_tables, draft_probs)
         if self.pool.filling:  # compile from shapes while the pool's zeros are written
             self._compile_ahead(spec)
         self.specs_seen.add(spec)
@@ -264,7 +295,8 @@ class ModelRunner:
             return None
         return spec._replace(num_decodes=_pick(self.decode_buckets, n), num_prefill_tokens=0,
                              num_prefill_seqs=0, num_steps=self.num_scheduler_steps,
-                             prompt_logprobs=-1, num_copies=0, penalty_lens=(0, 0))
+                             prompt_logprobs=-1, num_copies=0, penalty_lens=(0, 0),
+                             num_verify=0, num_draft=0, draft_probs=False)
 
     def _compile_ahead(self, spec: StepSpec | None) -> None:
         if spec is None or spec in self._ahead or spec in self.specs_seen:
@@ -303,7 +335,13 @@ class ModelRunner:
         lp = res.get("lp")
         tokens: list[list[list[int]]] = []
         logprobs: list[list[list[tuple]]] | None = [] if lp is not None else None
-        for ks in layout.sample_rows:
+        for i, ks in enumerate(layout.sample_rows):
+            if layout.verify_rows and layout.verify_rows[i] >= 0:  # kept drafts + 1 token
+                v = layout.verify_rows[i]
+                tokens.append([[int(x) for x in res["verify"][v, :res["accepted"][v] + 1]]])
+                if logprobs is not None:
+                    logprobs.append(None)  # speculation skips requests that want log-probs
+                continue
             ent_t, ent_l = [], []
             for k in ks:
                 col = toks[:, k]
@@ -316,7 +354,20 @@ class ModelRunner:
             if logprobs is not None:
                 logprobs.append(ent_l)
         plp = _prompt_logprobs(out, res["plp"], inputs.next_ids) if "plp" in res else None
-        return StepResult(tokens=tokens, logprobs=logprobs, prompt_logprobs=plp, spec=spec)
+        hidden = _hidden_rows(layout, res) if "hidden" in res else None
+        return StepResult(tokens=tokens, logprobs=logprobs, prompt_logprobs=plp, spec=spec,
+                          hidden=hidden)
+
+
+def _hidden_rows(layout: TokenLayout, res: dict) -> list[np.ndarray | None]:
+    """Per scheduled entry, the hidden state its last new token was read from."""
+    out: list[np.ndarray | None] = []
+    for i, ks in enumerate(layout.sample_rows):
+        if layout.verify_rows and layout.verify_rows[i] >= 0:
+            out.append(res["ver_hidden"][layout.verify_rows[i]])
+        else:
+            out.append(res["hidden"][ks[0]] if ks else None)
+    return out
 
 
 def _null_decodes(n: int) -> list[ScheduledSequence]:
@@ -327,7 +378,7 @@ def _null_decodes(n: int) -> list[ScheduledSequence]:
 def _prompt_logprobs(out: SchedulerOutput, plp: tuple, next_ids: np.ndarray) -> list:
     """Per scheduled entry: ``(positions, *plp columns)`` of its fed tokens that have a
     next prompt token, or None (decodes and entries without prompt log-probs)."""
-    nd = out.num_decode_tokens
+    nd = out.num_decode_entries
     result: list[tuple | None] = [None] * nd
     c = 0
     for e in out.scheduled_seqs[nd:]:

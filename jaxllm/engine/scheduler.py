@@ -5,7 +5,11 @@ One call to :meth:`Scheduler.schedule` plans one model step:
 1. **Decodes.** Every running sequence with exactly one uncomputed token gets it, oldest
    request first. If the KV pool cannot take the new slots, the *newest* running request
    is preempted (its blocks freed, it goes back to the front of the waiting queue and is
-   later recomputed from prompt + output so far) until the decode fits.
+   later recomputed from prompt + output so far) until the decode fits.  A decode given
+   draft tokens (speculative decoding, ``schedule(drafts=...)``) becomes a *verify*: it
+   feeds its token followed by the drafts, when the budget and the pool allow (else it
+   decodes plainly); :meth:`Scheduler.update` keeps the accepted prefix and truncates
+   the block table past it.
 2. **Prefill continuations.** Running sequences that are part-way through their (chunked)
    prefill get their next chunk.
 3. **Admissions.** Waiting requests, FCFS, while the token budget, the sequence cap and
@@ -52,7 +56,9 @@ class ScheduledSequence:
             ``[0, end_pos)``; a prefilling sequence already holds blocks for all its tokens).
         do_sample: a token must be sampled from the logits of the last fed token (the chunk
             reaches the end of the known tokens). False for non-final prefill chunks.
-        is_prefill: scheduled as a prefill chunk (False: a decode, exactly one token).
+        is_prefill: scheduled as a prefill chunk (False: a decode or a verify).
+        draft_ids: speculative draft tokens fed after the sequence's last token (a
+            *verify*: ``token_ids`` is that token followed by them); empty for the rest.
     """
 
     seq_id: int
@@ -62,6 +68,12 @@ class ScheduledSequence:
     block_table: tuple[int, ...]
     do_sample: bool
     is_prefill: bool
+    draft_ids: tuple[int, ...] = ()
+
+    @property
+    def is_verify(self) -> bool:
+        """Feeds draft tokens for the target to verify."""
+        return bool(self.draft_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -87,9 +99,10 @@ class SchedulerOutput:
     """The plan for one model step.
 
     Attributes:
-        scheduled_seqs: decodes first (``is_prefill`` False, one token each), then prefill
-            chunks; the model runner packs tokens in this order.
-        num_decode_tokens / num_prefill_tokens: token counts of the two parts.
+        scheduled_seqs: decodes first (one token each), then verifies (a token and its
+            drafts), then prefill chunks; the model runner packs tokens in this order.
+        num_decode_tokens / num_verify_tokens / num_prefill_tokens: token counts of the
+            three parts; num_verify_seqs: verify entries.
         blocks_to_copy: ``(src_block, dst_block)`` copy-on-write copies to apply to every
             layer's page pool *before* running the step.
         preempted_request_ids: requests preempted in this step (moved back to waiting).
@@ -101,6 +114,8 @@ class SchedulerOutput:
     scheduled_seqs: list[ScheduledSequence] = field(default_factory=list)
     num_decode_tokens: int = 0
     num_prefill_tokens: int = 0
+    num_verify_tokens: int = 0
+    num_verify_seqs: int = 0
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
     ignored_request_ids: list[str] = field(default_factory=list)
@@ -112,7 +127,12 @@ class SchedulerOutput:
 
     @property
     def num_scheduled_tokens(self) -> int:
-        return self.num_decode_tokens + self.num_prefill_tokens
+        return self.num_decode_tokens + self.num_verify_tokens + self.num_prefill_tokens
+
+    @property
+    def num_decode_entries(self) -> int:
+        """Scheduled entries before the prefill chunks (decodes and verifies)."""
+        return self.num_decode_tokens + self.num_verify_seqs
 
     @property
     def is_empty(self) -> bool:
@@ -141,19 +161,27 @@ class SchedulerOutput:
         return [q - 1 for q in self.query_start_loc()[1:]]
 
 
+def _is_decoding(seq: Sequence) -> bool:
+    """Running with one uncomputed token that it generated (a prompt's last token, left
+    over by a chunk, is prefill: an n > 1 request samples its n first tokens there)."""
+    return (seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1
+            and seq.num_output_tokens > 0)
+
+
 @dataclass
 class _Plan:
     """One step being planned: the token budget left and what was scheduled so far."""
 
     budget: int
     decodes: list[ScheduledSequence] = field(default_factory=list)
+    verifies: list[ScheduledSequence] = field(default_factory=list)
     prefills: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
-        return len(self.decodes) + len(self.prefills)
+        return len(self.decodes) + len(self.verifies) + len(self.prefills)
 
 
 class Scheduler:
@@ -273,19 +301,27 @@ class Scheduler:
         return sum(len(g.get_seqs(SequenceStatus.RUNNING)) for g in self.running)
 
     # ------------------------------------------------------------------ one step
-    def schedule(self) -> SchedulerOutput:
-        """Plan one step (see the module docstring). Must be followed by :meth:`update`."""
+    def decoding_seqs(self) -> list[Sequence]:
+        """Running sequences with exactly one uncomputed token (this step's decodes, unless
+        preempted), oldest request first: the candidates for speculative drafts."""
+        return [s for g in self.running for s in g.seqs if _is_decoding(s)]
+
+    def schedule(self, drafts: Mapping[int, Seq[int]] | None = None) -> SchedulerOutput:
+        """Plan one step (see the module docstring). Must be followed by :meth:`update`.
+        ``drafts``: ``{seq_id: draft tokens}`` for decoding sequences to verify."""
         if self._pending is not None:
             raise RuntimeError("schedule() called again before update() of the previous output")
         plan = _Plan(budget=self.max_num_batched_tokens)
-        self._schedule_decodes(plan)
+        self._schedule_decodes(plan, drafts or {})
         self._schedule_partial_prefills(plan)
         if not plan.preempted or not plan.num_seqs:
             self._admit_waiting(plan)
         out = SchedulerOutput(
-            scheduled_seqs=plan.decodes + plan.prefills,
+            scheduled_seqs=plan.decodes + plan.verifies + plan.prefills,
             num_decode_tokens=len(plan.decodes),
             num_prefill_tokens=sum(e.num_tokens for e in plan.prefills),
+            num_verify_tokens=sum(e.num_tokens for e in plan.verifies),
+            num_verify_seqs=len(plan.verifies),
             blocks_to_copy=self.allocator.take_pending_copies(),
             preempted_request_ids=plan.preempted,
             ignored_request_ids=plan.ignored,
@@ -295,19 +331,22 @@ class Scheduler:
             self._pending = out
         return out
 
-    def _schedule_decodes(self, plan: "_Plan") -> None:
-        """Decodes, oldest request first; preempt the newest request until they fit."""
+    def _schedule_decodes(self, plan: "_Plan", drafts: Mapping[int, Seq[int]]) -> None:
+        """Decodes, oldest request first; preempt the newest request until they fit.
+        Sequences with ``drafts`` verify them when the budget and the pool allow."""
         alloc = self.allocator
         i = 0
         while i < len(self.running) and plan.budget > 0:
             group = self.running[i]
-            seqs = [s for s in group.seqs
-                    if s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens == 1]
+            seqs = [s for s in group.seqs if _is_decoding(s)]
             if not seqs:
                 i += 1
                 continue
             if len(seqs) > plan.budget or plan.num_seqs + len(seqs) > self.max_num_seqs:
                 break
+            if drafts and self._schedule_verifies(plan, seqs, drafts):
+                i += 1
+                continue
             self_preempted = False
             while alloc.num_blocks_to_append_all(seqs, 1) > alloc.num_free_blocks:
                 victim = self.running[-1]
@@ -324,6 +363,35 @@ class Scheduler:
             plan.budget -= len(seqs)
             i += 1
 
+    def _schedule_verifies(self, plan: "_Plan", seqs: list[Sequence],
+                           drafts: Mapping[int, Seq[int]]) -> bool:
+        """Schedule a group's decodes with their drafts (cut to the token budget) if the
+        pool takes every slot without preempting; False (nothing scheduled) otherwise."""
+        alloc = self.allocator
+        spare = plan.budget - len(seqs)
+        lens = []
+        for s in seqs:
+            n = min(len(drafts.get(s.seq_id, ())), spare)
+            spare -= n
+            lens.append(n)
+        if not any(lens):
+            return False
+        by_len: dict[int, list[Sequence]] = {}
+        for s, n in zip(seqs, lens):
+            by_len.setdefault(n + 1, []).append(s)
+        need = sum(alloc.num_blocks_to_append_all(ss, n) for n, ss in by_len.items())
+        if need > alloc.num_free_blocks:
+            return False  # decode plainly (and preempt if even that does not fit)
+        for s, n in zip(seqs, lens):
+            alloc.append_slots(s, n + 1)
+            if n:
+                plan.verifies.append(self._entry(s, 1, is_prefill=False,
+                                                 draft_ids=tuple(drafts[s.seq_id][:n])))
+            else:
+                plan.decodes.append(self._entry(s, 1, is_prefill=False))
+            plan.budget -= n + 1
+        return True
+
     def _schedule_partial_prefills(self, plan: "_Plan") -> None:
         """Continue partially prefilled sequences."""
         alloc = self.allocator
@@ -333,7 +401,8 @@ class Scheduler:
             for s in group.seqs:
                 if plan.budget == 0 or plan.num_seqs >= self.max_num_seqs:
                     break
-                if s.status is not SequenceStatus.RUNNING or s.num_uncomputed_tokens <= 1:
+                if (s.status is not SequenceStatus.RUNNING or s.num_uncomputed_tokens == 0
+                        or _is_decoding(s)):
                     continue
                 n = min(s.num_uncomputed_tokens, plan.budget)
                 if not alloc.can_append(s, n):
@@ -392,6 +461,11 @@ class Scheduler:
         ``num_computed_tokens``, registers newly full blocks in the prefix cache, and
         returns the sequences that received a token (the engine checks them for stops).
         Sequences finished or aborted since :meth:`schedule` are skipped.
+
+        A verify entry gets the list of tokens the device kept: the accepted prefix of its
+        drafts followed by the target's own token.  Its KV is valid up to the last
+        accepted draft; the block table is cut back there (pages that held only rejected
+        tokens go back to the pool; the rest of their slots are overwritten later).
         """
         if output is not self._pending:
             if output.is_empty:
@@ -409,6 +483,11 @@ class Scheduler:
             if seq is None or seq.status is not SequenceStatus.RUNNING:
                 continue
             assert seq.num_computed_tokens == entry.start_pos, (seq, entry)
+            if entry.draft_ids:
+                token = sampled_token_ids[entry.seq_id] if by_id else sampled_token_ids[k]
+                self._apply_verified(seq, entry, token)
+                new_token_seqs.append(seq)
+                continue
             seq.num_computed_tokens = entry.end_pos
             self.allocator.commit_tokens(seq)
             if entry.do_sample:
@@ -418,6 +497,19 @@ class Scheduler:
                 seq.append_token(int(token))
                 new_token_seqs.append(seq)
         return new_token_seqs
+
+    def _apply_verified(self, seq: Sequence, entry: ScheduledSequence, tokens: Seq[int]) -> None:
+        """Append a verify's kept tokens; KV stays valid through the last accepted draft."""
+        tokens = [int(t) for t in tokens]
+        n = len(tokens) - 1
+        if not 0 <= n <= len(entry.draft_ids) or tuple(tokens[:n]) != entry.draft_ids[:n]:
+            raise ValueError(f"sequence {seq.seq_id}: verified tokens {tokens} do not extend "
+                             f"a prefix of its drafts {entry.draft_ids}")
+        for t in tokens:
+            seq.append_token(t)
+        seq.num_computed_tokens = entry.start_pos + 1 + n
+        self.allocator.truncate(seq, seq.num_computed_tokens)  # rejected drafts' pages
+        self.allocator.commit_tokens(seq)
 
     def discard(self, output: SchedulerOutput) -> None:
         """``output``'s step never ran (the device step raised): forget it so that
@@ -528,16 +620,18 @@ class Scheduler:
         return self.finish_request(request_id, SequenceStatus.FINISHED_ABORTED)
 
     # ------------------------------------------------------------------ internals
-    def _entry(self, seq: Sequence, n: int, *, is_prefill: bool) -> ScheduledSequence:
+    def _entry(self, seq: Sequence, n: int, *, is_prefill: bool,
+               draft_ids: tuple[int, ...] = ()) -> ScheduledSequence:
         start = seq.num_computed_tokens
         return ScheduledSequence(
             seq_id=seq.seq_id,
             request_id=seq.request_id,
-            token_ids=tuple(seq.token_ids[start : start + n]),
+            token_ids=tuple(seq.token_ids[start : start + n]) + draft_ids,
             start_pos=start,
             block_table=tuple(seq.block_table),
             do_sample=start + n == seq.num_tokens,
             is_prefill=is_prefill,
+            draft_ids=draft_ids,
         )
 
     def _never_fits(self, seqs: list[Sequence]) -> bool:

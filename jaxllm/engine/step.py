@@ -11,6 +11,12 @@ Attention runs in two calls per layer: ``paged_decode_attention`` over the decod
 (sorted by context length, so the XLA path can attend them in 1/2/4 groups, each paying
 only its own longest context) and ``ragged_paged_attention`` over the prefill chunks (one
 ragged call over a whole mixed batch costs more: docs/engine.md).
+
+Speculative decoding: a verify row's token and drafts run as one more multi-token query
+of the ragged call; the LM head then scores every fed row of every verify
+(``x.ver_idx``), the same suppression and penalties as plain sampling apply (the counts
+of each position include the drafts before it) and :func:`jaxllm.spec.rejection.
+verify_drafts` keeps the accepted prefix plus one target token.  Only those ids return.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.engine.inputs import PAD_SLOT, StepInputs, StepSpec
 from jaxllm.models import llama
 from jaxllm.sampling import apply_penalties, sample, suppress
+from jaxllm.spec.rejection import verify_drafts
 
 __all__ = ["paged_step", "paged_step_jit"]
 
@@ -134,6 +141,33 @@ def _sample_rows(logits, x: StepInputs, spec: StepSpec, step, counts, prompt_mas
     return tok, (_logprobs(logits, tok, spec.logprobs) if spec.logprobs >= 0 else None)
 
 
+def _verify(params, cfg: ModelConfig, h, x: StepInputs, spec: StepSpec, counts, prompt_mask,
+            lm_head):
+    """``(tokens [B, K+1], accepted [B])`` of every verify row: logits at its ``K + 1`` fed
+    rows, min-token suppression and penalties as at position ``step + j`` (the drafts
+    before ``j`` counted as output), then :func:`verify_drafts`."""
+    b, k1 = x.ver_idx.shape
+    vocab = cfg.vocab_size
+    logits = lm_head(params, cfg, h[x.ver_idx.reshape(-1)])  # [B*(K+1), V]
+    row = x.ver_row
+    st = jax.tree.map(lambda a: a[row], x.sampling)
+    step = x.step[row][:, None] + jnp.arange(k1, dtype=jnp.int32)[None, :]  # [B, K+1]
+    rep = lambda a: jnp.repeat(a, k1, axis=0)  # noqa: E731 - per row -> per position
+    active = (step < x.min_tokens[row][:, None]).reshape(-1)
+    logits = suppress(logits, rep(x.stop_ids[row]), active)
+    flags = spec.flags
+    if flags.penalties:
+        drafted = jax.nn.one_hot(x.ver_draft, vocab, dtype=jnp.int32)  # [B, K, V] (-1: 0)
+        # position j counts drafts 0 .. j-1 as generated
+        before = jnp.concatenate([jnp.zeros_like(drafted[:, :1]),
+                                  jnp.cumsum(drafted, axis=1)], axis=1)  # [B, K+1, V]
+        c = (counts[row][:, None, :] + before).reshape(b * k1, vocab)
+        logits = apply_penalties(logits, jax.tree.map(rep, st), c, rep(prompt_mask[row]))
+        flags = flags._replace(penalties=False)
+    return verify_drafts(logits.reshape(b, k1, vocab), st, flags, step, x.ver_draft,
+                         x.ver_num, x.ver_probs)
+
+
 def _logprobs(logits, tok, k: int):
     """``(chosen [R], top ids [R, k], top log-probs [R, k])`` of ``tok`` under ``logits``."""
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -178,6 +212,14 @@ def paged_step(params, caches, x: StepInputs, *, cfg: ModelConfig, spec: StepSpe
     logits = lm_head(params, cfg, h[x.logits_idx])
     tok, lp = _sample_rows(logits, x, spec, x.step, counts, prompt_mask)
     out = {"tokens": tok[None]}
+    if spec.num_verify:
+        out["verify"], out["accepted"] = _verify(params, cfg, h, x, spec, counts, prompt_mask,
+                                                 lm_head)
+    if spec.return_hidden:  # the state each emitted token was read from (draft heads)
+        out["hidden"] = h[x.logits_idx].astype(jnp.float32)
+        if spec.num_verify:
+            last = jnp.take_along_axis(x.ver_idx, out["accepted"][:, None], axis=1)[:, 0]
+            out["ver_hidden"] = h[last].astype(jnp.float32)
     if lp is not None:
         out["lp"] = tuple(a[None] for a in lp)
     if spec.prompt_logprobs >= 0:  # log-prob of each fed token's next prompt token
@@ -199,7 +241,7 @@ class DecodeCarry(NamedTuple):
     step: jax.Array  # [D] int32 tokens the row's sequence has generated
     counts: jax.Array | None  # [D, V] int32 output-token counts (penalties only)
     i: jax.Array  # [] int32 tokens produced so far in this dispatch
-    outs: dict  # "tokens" [n, D] int32 (-1: none), "lp": log-probs per token
+    outs: dict  # "tokens" [n, D] int32 (-1: none), "lp": log-probs per token, "hidden"
 
 
 def _decode_loop(params, caches, x: StepInputs, cfg, spec: StepSpec, impl, page_size, model,
@@ -220,6 +262,9 @@ def _decode_loop(params, caches, x: StepInputs, cfg, spec: StepSpec, impl, page_
                                prompt_mask)
         live = ~c.done
         outs = {"tokens": c.outs["tokens"].at[c.i].set(jnp.where(live, tok, -1))}
+        if spec.return_hidden:  # [D, hidden] of each row's latest token
+            outs["hidden"] = jnp.where(live[:, None], hidden[0].astype(jnp.float32),
+                                       c.outs["hidden"])
         if lp is not None:
             outs["lp"] = tuple(o.at[c.i].set(a) for o, a in zip(c.outs["lp"], lp))
         hit = jnp.any(tok[:, None] == x.stop_ids, axis=-1)
@@ -231,6 +276,8 @@ def _decode_loop(params, caches, x: StepInputs, cfg, spec: StepSpec, impl, page_
                            c.step + live, counts, c.i + 1, outs)
 
     outs = {"tokens": jnp.full((n, nd), -1, jnp.int32)}
+    if spec.return_hidden:
+        outs["hidden"] = jnp.zeros((nd, cfg.hidden_size), jnp.float32)
     if spec.logprobs >= 0:
         k = spec.logprobs
         outs["lp"] = (jnp.zeros((n, nd), jnp.float32), jnp.zeros((n, nd, k), jnp.int32),
