@@ -17,6 +17,19 @@ enable_compilation_cache()
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_executables():
+    """Drop JAX's caches after every test module.  Each loaded XLA:CPU executable holds
+    dozens of memory mappings; the whole suite in one process loads well over a thousand
+    programs and would reach ``vm.max_map_count`` (65530: mmap then fails inside LLVM and
+    the process crashes)."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def tiny_hf_config(arch: str = "llama", **overrides):
     """A tiny HF config of the given family (random weights are made from it)."""
     import transformers
