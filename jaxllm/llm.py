@@ -21,7 +21,7 @@ from jaxllm.engine.engine import LLMEngine
 from jaxllm.generation import StaticBatch, bucket
 from jaxllm.models import llama
 from jaxllm.outputs import RequestOutput, TextTracker
-from jaxllm.quant import QuantConfig, quantize_params
+from jaxllm.quant import Calibration, QuantConfig, quantize_params
 from jaxllm.sampling import SamplingParams, per_prompt
 from jaxllm.spec.config import SpeculativeConfig
 from jaxllm.tokenizer import encode_prompt
@@ -134,7 +134,9 @@ class LLM:
         params = llama.fuse_projections(params if scan_layers else llama.unstack_layers(params))
         if self.quantization is not None and self.quantization.method != "gguf":
             # after fusing: per-column scales concatenate
-            params = quantize_params(params, self.quantization, DTYPES[self.dtype])
+            params = quantize_params(params, self.quantization, DTYPES[self.dtype],
+                                     calibration=calibration_for(self.config, self.tokenizer,
+                                                                 self.quantization))
         # on CPU the (aligned, read-only) host arrays are used in place: no copy
         return None, jax.device_put(params, may_alias=True)
 
@@ -330,6 +332,22 @@ def _check_quantization(quantization: "str | QuantConfig | None",
         raise ValueError(f"quantization={quantization!r} runs on one device for now "
                          f"(tp * pp * dp = {devices}); drop quantization or the mesh")
     return cfg
+
+
+def calibration_for(config: Any, tokenizer: Any,
+                    quantization: QuantConfig) -> Calibration | None:
+    """What ``quantize_params`` needs for ``awq`` / ``gptq`` / ``w8a8`` (None for the
+    others): the model's forward (full causal attention, no cache) and the calibration
+    text encoded with the model's tokenizer (``jaxllm.quant.calibration``)."""
+    if not quantization.calibrated:
+        return None
+
+    def forward(params: dict, tokens: jax.Array) -> jax.Array:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return llama.forward(params, config, tokens, positions,
+                             llama.full_attention_fn(config))[0]
+
+    return Calibration.from_text(tokenizer, forward, config)
 
 
 def _logits_fn(params, tokens, *, cfg, impl):

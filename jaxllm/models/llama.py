@@ -25,7 +25,7 @@ import numpy as np
 
 import cpu_kernels
 from jaxllm.config import ModelConfig
-from jaxllm.quant import QuantizedArray
+from jaxllm.quant import QuantizedArray, ops as quant_ops
 
 Params = dict[str, Any]
 # attend(q [B,T,Hq,D], k, v [B,T,Hkv,D], cache, layer) -> (out [B,T,Hq,D], cache); ``layer``
@@ -230,6 +230,8 @@ def matmul(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
     multiply with a float32 product: more exact, and XLA:CPU's fast bf16 dot -- but only
     with >= 2 rows, so on CPU a single row is padded to two (timings: docs/kernels.md).
     """
+    if quant_ops.applies(x, w):  # W8A8 int8 x int8 dots, calibration probes
+        return quant_ops.matmul(x, w, out_dtype)
     if cpu_kernels.matmul_applies(math.prod(x.shape[:-1]), w):
         quantized = isinstance(w, QuantizedArray)
         kernel = cpu_kernels.quantized_matmul if quantized else cpu_kernels.matmul

@@ -3,6 +3,7 @@
 Layout of ``DIR``::
 
     quantization.json       format tag, method, and every tensor's QuantizedArray metadata
+                            (or ``kind: w8a8`` for a W8A8Array)
     config.jaxllm.json      ModelConfig fields
     weights.safetensors     flat tensors: "layers.wqkv.values", "layers.wqkv.scales", ...
     tokenizer.json ...      the model's tokenizer (Tokenizer.save_pretrained), when it has one
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.quant import QuantizedArray
+from jaxllm.quant import QuantizedArray, W8A8Array
 from jaxllm.weights.checkpoint import config_from_dict, config_to_dict
 
 FORMAT = "jaxllm-quantized-v1"
@@ -54,7 +55,11 @@ def save_quantized(directory: str | os.PathLike, params: dict, config: Any, toke
     tensors: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {}
     for name, leaf in _flatten(params).items():
-        if isinstance(leaf, QuantizedArray):
+        if isinstance(leaf, W8A8Array):  # int8 rows + per-row scales (jaxllm.quant.w8a8)
+            tensors[f"{name}.values"] = np.ascontiguousarray(np.asarray(leaf.values))
+            tensors[f"{name}.scales"] = np.ascontiguousarray(np.asarray(leaf.scales))
+            meta[name] = dict(kind="w8a8", transposed=leaf.transposed)
+        elif isinstance(leaf, QuantizedArray):
             for part in ("values", "scales", "offsets"):
                 arr = getattr(leaf, part)
                 if arr is not None:
@@ -93,6 +98,11 @@ def load_quantized(directory: str | os.PathLike, dtype: Any) -> tuple[Any, dict,
     flat: dict[str, Any] = {}
     for name, m in meta["tensors"].items():
         try:
+            if m.get("kind") == "w8a8":
+                flat[name] = W8A8Array(tensors.pop(f"{name}.values"),
+                                       tensors.pop(f"{name}.scales"), dtype=dt,
+                                       transposed=m["transposed"])
+                continue
             flat[name] = QuantizedArray(
                 tensors.pop(f"{name}.values"), tensors.pop(f"{name}.scales"),
                 tensors.pop(f"{name}.offsets") if m["offsets"] else None, bits=m["bits"],
