@@ -31,7 +31,7 @@ _log = logging.getLogger("jaxllm.cpu_kernels")
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "lib": ctypes handle (kept alive)
 _TARGETS = {"paged_decode": "JaxllmPagedDecodeAttention", "small_matmul": "JaxllmSmallMatmul",
-            "quant_matmul": "JaxllmQuantMatmul"}
+            "small_matmul_nt": "JaxllmSmallMatmulNT", "quant_matmul": "JaxllmQuantMatmul"}
 _override: list[bool] = []  # innermost override() wins
 
 
@@ -148,20 +148,23 @@ def paged_decode_attention(
     return out.astype(q.dtype)
 
 
-@jax.custom_vjp
-def _small_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jax.ffi.ffi_call("jaxllm_small_matmul",
-                            jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _small_matmul(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    n = w.shape[0] if transposed else w.shape[1]
+    return jax.ffi.ffi_call("jaxllm_small_matmul_nt" if transposed else "jaxllm_small_matmul",
+                            jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                             vmap_method="sequential")(x, w)
 
 
-def _small_matmul_fwd(x, w):
-    return _small_matmul(x, w), (x, w)
+def _small_matmul_fwd(x, w, transposed):
+    return _small_matmul(x, w, transposed), (x, w)
 
 
-def _small_matmul_bwd(res, dy):  # training never needs a kernel here: plain XLA
+def _small_matmul_bwd(transposed, res, dy):  # training never needs a kernel here: plain XLA
     x, w = res
     wf = w.astype(jnp.float32)
+    if transposed:  # y = x @ w.T
+        return (dy @ wf).astype(x.dtype), (dy.T @ x.astype(jnp.float32)).astype(w.dtype)
     dx = (dy @ wf.T).astype(x.dtype)
     dw = (x.astype(jnp.float32).T @ dy).astype(w.dtype)
     return dx, dw
@@ -170,32 +173,41 @@ def _small_matmul_bwd(res, dy):  # training never needs a kernel here: plain XLA
 _small_matmul.defvjp(_small_matmul_fwd, _small_matmul_bwd)
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array:
     """``x [..., K] @ w [K, N]`` in float32 for few rows (the decode case): weights float32
     or bfloat16 (or its bits as uint16), read in place and widened in registers, float32
-    accumulation.  Differentiable (the backward pass is plain XLA).  Call :func:`available`
-    first.
+    accumulation.  ``transposed``: ``w`` is stored ``[N, K]`` and the product is
+    ``x @ w.T`` (the tied embedding as LM head), each of its rows read once, contiguously.
+    Differentiable (the backward pass is plain XLA).  Call :func:`available` first.
     """
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         x = x.astype(jnp.float32)
     lead = x.shape[:-1]
-    y = _small_matmul(x.reshape(-1, x.shape[-1]), w)
-    return y.reshape(*lead, w.shape[-1])
+    y = _small_matmul(x.reshape(-1, x.shape[-1]), w, transposed)
+    return y.reshape(*lead, y.shape[-1])
 
 
 # Where the small-M matmul measured faster than XLA:CPU (docs/cpu_kernels.md):
-_MATMUL_MAX_ROWS = 16  # decode batches; XLA's tiled GEMM wins beyond
+_MATMUL_MAX_ROWS = 16  # quantized LM head (below): XLA's tiled GEMM wins beyond
+_MATMUL_BF16_MAX_ROWS = 64  # bf16 weights: 1.4-2.9x to 64 rows, ~1.0x at 96-256 (XLA widens w)
 _MATMUL_MAX_N = 8192  # the 49152-wide LM head: our column blocks stride 196 KB rows (slower)
 _MATMUL_F32_ROWS = (2, 8)  # float32 weights: 1 row ties XLA's dot, 16 rows lose
+_MATMUL_NT_MAX_ROWS = 64  # bf16 [N, K] weights (tied LM head): XLA transposes w per call (1.3-8x)
+_MATMUL_NT_F32_ROWS = (2, 16)  # float32: 1 row ties XLA's dot, 32 rows lose
 
 
-def matmul_applies(rows: int, w) -> bool:
+def matmul_applies(rows: int, w, *, transposed: bool = False) -> bool:
     """Whether ``x [rows, K] @ w`` should take :func:`matmul` (float weights) or
     :func:`quantized_matmul` (a ``QuantizedArray`` the kernel reads): only the shapes where
-    it measured faster (``JAXLLM_CPU_KERNELS=1`` adds float32 weights at any row count)."""
+    it measured faster (``JAXLLM_CPU_KERNELS=1`` adds float32 weights at any row count).
+    ``transposed``: ``w`` is stored ``[N, K]`` (:func:`matmul`'s ``transposed``)."""
+    if transposed:
+        lo, hi = _MATMUL_NT_F32_ROWS if w.dtype == jnp.float32 else (1, _MATMUL_NT_MAX_ROWS)
+        return (isinstance(w, jax.Array) and w.ndim == 2 and lo <= rows <= hi
+                and w.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16) and active())
     if _is_quantized(w):
         return quantized_applies(rows, w)
-    if not (isinstance(w, jax.Array) and w.ndim == 2 and 1 <= rows <= _MATMUL_MAX_ROWS
+    if not (isinstance(w, jax.Array) and w.ndim == 2 and 1 <= rows <= _MATMUL_BF16_MAX_ROWS
             and w.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16)):
         return False
     if w.shape[1] > _MATMUL_MAX_N:

@@ -10,6 +10,7 @@ one bfloat16 ulp (~8e-3 relative).  Small-M matmul: 1e-5 relative to the output 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -122,21 +123,23 @@ def _xla_matmul(x, w):
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
-@given(rows=st.integers(1, 16), k=st.sampled_from([8, 64, 200]),
+@given(rows=st.integers(1, 64), k=st.sampled_from([8, 64, 200]),
        n=st.sampled_from([5, 64, 136, 320]),
        dtype=st.sampled_from(["float32", "bfloat16", "uint16"]),
-       x_bf16=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_matmul_matches_xla(rows, k, n, dtype, x_bf16, seed):
+       x_bf16=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_matmul_matches_xla(rows, k, n, dtype, x_bf16, transposed, seed):
+    """``transposed``: w stored [N, K] (the tied LM head's embedding)."""
     rng = np.random.default_rng(seed)
-    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n)), jnp.float32)
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16 if x_bf16 else jnp.float32)
     if dtype == "uint16":
         w_twin = w.astype(jnp.bfloat16)
         w = jax.lax.bitcast_convert_type(w_twin, jnp.uint16)
     else:
         w = w_twin = w.astype(dtype)
+    w_twin = w_twin.T if transposed else w_twin
     ref = np.asarray(_xla_matmul(x.astype(w_twin.dtype) if x_bf16 else x, w_twin))
-    out = np.asarray(jax.jit(cpu_kernels.matmul)(x, w))
+    out = np.asarray(jax.jit(functools.partial(cpu_kernels.matmul, transposed=transposed))(x, w))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
 
@@ -147,15 +150,38 @@ def test_matmul_dispatch_and_grad():
     w = jnp.asarray(np.random.default_rng(3).standard_normal((64, 96)), jnp.bfloat16)
     x = jnp.ones((4, 64), jnp.float32)
     assert "jaxllm_small_matmul" in str(jax.make_jaxpr(lambda x, w: llama.matmul(x, w))(x, w))
-    big = jnp.ones((64, 64), jnp.float32)  # 64 rows: XLA's GEMM
+    big = jnp.ones((65, 64), jnp.float32)  # over 64 rows of bf16 weights: XLA's GEMM
     assert "jaxllm_small_matmul" not in str(
         jax.make_jaxpr(lambda x, w: llama.matmul(x, w))(big, w))
     loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()  # noqa: E731
-    g = jax.grad(loss(cpu_kernels.matmul), argnums=(0, 1))(x, w)
-    g_ref = jax.grad(loss(_xla_matmul), argnums=(0, 1))(x, w)
-    np.testing.assert_allclose(g[0], g_ref[0], rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(g[1], np.float32), np.asarray(g_ref[1], np.float32),
-                               rtol=1e-2)
+    nt = lambda x, wt: cpu_kernels.matmul(x, wt, transposed=True)  # noqa: E731
+    for ours, twin, w_ in ((cpu_kernels.matmul, _xla_matmul, w),
+                           (nt, lambda x, wt: _xla_matmul(x, wt.T), w.T)):
+        g = jax.grad(loss(ours), argnums=(0, 1))(x, w_)
+        g_ref = jax.grad(loss(twin), argnums=(0, 1))(x, w_)
+        np.testing.assert_allclose(g[0], g_ref[0], rtol=1e-5, atol=1e-4)
+        assert g[1].shape == w_.shape
+        np.testing.assert_allclose(np.asarray(g[1], np.float32),
+                                   np.asarray(g_ref[1], np.float32), rtol=1e-2)
+
+
+def test_tied_lm_head_reads_the_embedding_in_place():
+    """A tied bf16 LM head takes the [V, D] kernel in both orientations, equal to XLA's."""
+    from jaxllm.config import ModelConfig
+    from jaxllm.models import llama
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
+    params = llama.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    assert "lm_head" not in params
+    h = jnp.asarray(np.random.default_rng(4).standard_normal((3, 64)), jnp.bfloat16)
+    for vocab_major in (False, True):
+        head = lambda p, h: llama.lm_head(p, cfg, h, vocab_major)  # noqa: E731
+        assert "jaxllm_small_matmul_nt" in str(jax.make_jaxpr(head)(params, h))
+        with cpu_kernels.override(False):
+            ref = np.asarray(jax.jit(head)(params, h))
+        np.testing.assert_allclose(np.asarray(jax.jit(head)(params, h)), ref,
+                                   atol=1e-5 * np.abs(ref).max())
 
 
 def test_dispatch_picks_kernel_on_cpu(monkeypatch):

@@ -5,7 +5,7 @@
 // over w in column blocks of 64: each block is read from memory once, for all rows,
 // with the rows in register tiles of MR rows x NV 8-lane vectors (MR * NV = 8 FMA
 // chains) -- for more rows the block is re-read from L2, not from memory.  Column
-// blocks are the parallel items.
+// blocks are the parallel items.  A second entry point takes w stored [N, K] (below).
 
 #include <vector>
 
@@ -23,6 +23,21 @@ struct MatmulParams {
   const void* w;
   float* y;
 };
+
+// x widened to float32 once (M * K is small); false when x's type is not float32 / bf16.
+static bool WidenX(ffi::AnyBuffer x, std::vector<float>& xf) {
+  const int64_t n = static_cast<int64_t>(xf.size());
+  if (x.element_type() == ffi::DataType::F32) {
+    const float* src = static_cast<const float*>(x.untyped_data());
+    std::copy(src, src + n, xf.begin());
+  } else if (x.element_type() == ffi::DataType::BF16) {
+    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+    for (int64_t i = 0; i < n; ++i) xf[i] = bf16_to_f32(src[i]);
+  } else {
+    return false;
+  }
+  return true;
+}
 
 #ifdef JAXLLM_AVX2
 // y[r0:r0+MR, n0:n0+8*NV] = x[r0:r0+MR] @ w[:, n0:n0+8*NV]
@@ -102,14 +117,8 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   p.M = xd[0];
   p.K = xd[1];
   p.N = wd[1];
-  std::vector<float> xf(p.M * p.K);  // activations widened once (M * K is small)
-  if (x.element_type() == ffi::DataType::F32) {
-    const float* src = static_cast<const float*>(x.untyped_data());
-    std::copy(src, src + p.M * p.K, xf.begin());
-  } else if (x.element_type() == ffi::DataType::BF16) {
-    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
-    for (int64_t i = 0; i < p.M * p.K; ++i) xf[i] = bf16_to_f32(src[i]);
-  } else {
+  std::vector<float> xf(p.M * p.K);
+  if (!WidenX(x, xf)) {
     return ffi::Error::InvalidArgument("small_matmul: x must be float32 or bfloat16");
   }
   p.x = xf.data();
@@ -125,8 +134,113 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------- output-major weights
+// y [M, N] = x [M, K] @ w^T for w stored [N, K] (the tied LM head reads the [V, D]
+// embedding this way): each weight row is one contiguous K-run, read once for all rows
+// of x, dotted in 8-lane partial sums reduced at the end.  XLA:CPU instead transposes the
+// whole embedding every step for bf16 (measured: docs/cpu_kernels.md).  Row blocks of w
+// are the parallel items.
+
+constexpr int64_t kRowBlock = 64;  // weight rows per item
+
+#ifdef JAXLLM_AVX2
+// y[m0:m0+MR, n0:n0+NR] from NR weight rows and MR rows of x.
+template <typename W, int MR, int NR>
+static inline void TileNT(const MatmulParams& p, int64_t m0, int64_t n0) {
+  const W* w = static_cast<const W*>(p.w) + n0 * p.K;
+  const float* x = p.x + m0 * p.K;
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= p.K; k += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = load8<W>(w + j * p.K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * p.K + k);
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NR; ++j) {
+      float s = hadd8(acc[m][j]);
+      for (int64_t kk = k; kk < p.K; ++kk) s += x[m * p.K + kk] * load<W>(w + j * p.K, kk);
+      p.y[(m0 + m) * p.N + n0 + j] = s;
+    }
+  }
+}
+#endif
+
+template <typename W>
+static void RowsNT(const MatmulParams& p, int64_t n0, int64_t n1) {  // plain loops
+  const W* w = static_cast<const W*>(p.w);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < p.K; ++k) s += p.x[m * p.K + k] * load<W>(w + n * p.K, k);
+      p.y[m * p.N + n] = s;
+    }
+  }
+}
+
+template <typename W>
+static void RunNT(ffi::ThreadPool& pool, const MatmulParams& p) {
+  const int64_t blocks = (p.N + kRowBlock - 1) / kRowBlock;
+  ParallelFor(pool, blocks, [&](int64_t i) {
+    const int64_t n0 = i * kRowBlock, n1 = std::min(p.N, n0 + kRowBlock);
+#ifdef JAXLLM_AVX2
+    int64_t n = n0;
+    if (p.M == 1) {
+      for (; n + 8 <= n1; n += 8) TileNT<W, 1, 8>(p, 0, n);
+    }
+    for (; n + 4 <= n1; n += 4) {
+      int64_t m = 0;
+      for (; m + 2 <= p.M; m += 2) TileNT<W, 2, 4>(p, m, n);
+      if (m < p.M) TileNT<W, 1, 4>(p, m, n);
+    }
+    if (n < n1) RowsNT<W>(p, n, n1);
+#else
+    RowsNT<W>(p, n0, n1);
+#endif
+  });
+}
+
+ffi::Error MatmulNTImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
+    return ffi::Error::InvalidArgument("small_matmul_nt: expected x [M, K] and w [N, K]");
+  }
+  MatmulParams p;
+  p.M = xd[0];
+  p.K = xd[1];
+  p.N = wd[0];
+  std::vector<float> xf(p.M * p.K);
+  if (!WidenX(x, xf)) {
+    return ffi::Error::InvalidArgument("small_matmul_nt: x must be float32 or bfloat16");
+  }
+  p.x = xf.data();
+  p.w = w.untyped_data();
+  p.y = y->typed_data();
+  switch (w.element_type()) {
+    case ffi::DataType::F32: RunNT<float>(pool, p); break;
+    case ffi::DataType::BF16:
+    case ffi::DataType::U16: RunNT<uint16_t>(pool, p); break;
+    default:
+      return ffi::Error::InvalidArgument("small_matmul_nt: w must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jaxllm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmSmallMatmulNT, jaxllm::MatmulNTImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x [M, K]
+                                  .Arg<xla::ffi::AnyBuffer>()  // w [N, K]
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmSmallMatmul, jaxllm::MatmulImpl,
                               xla::ffi::Ffi::Bind()

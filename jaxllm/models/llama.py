@@ -402,7 +402,15 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
     product XLA:CPU computes without transposing a ``[N, V]`` result (used by the greedy
     decode step; measured in docs/benchmarks.md)."""
     with jax.named_scope("lm_head"):
-        w = params["lm_head"] if "lm_head" in params else params["embed"].T
+        tied = "lm_head" not in params
+        rows = math.prod(hidden.shape[:-1])
+        embed = params["embed"]
+        if (tied and cpu_kernels.matmul_applies(rows, embed, transposed=True)
+                and not (vocab_major and embed.dtype == jnp.float32)):  # XLA's equals it there
+            # the [V, D] embedding read row by row, in place (XLA:CPU transposes it per step)
+            y = cpu_kernels.matmul(hidden, embed, transposed=True)
+            return y.T if vocab_major else y
+        w = params["lm_head"] if not tied else embed.T
         if vocab_major:
             return matmul(w.T.astype(hidden.dtype), hidden.T, jnp.float32)
         return matmul(hidden, w.astype(hidden.dtype), jnp.float32)
