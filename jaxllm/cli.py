@@ -51,7 +51,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None,
                    choices=QUANT_METHODS,
                    help="quantize weights at load (RTN; int4: group 32, embedding int8; "
-                        "gguf: keep a .gguf file's Q8_0/Q4_0/Q4_1 blocks; awq / gptq: int4 "
+                        "gguf: keep a .gguf file's Q8_0/Q4_x/Q5_x/Q4_K/Q5_K/Q6_K blocks; awq / gptq: int4 "
                         "group 128 (-g64, -g32), gptq-int8, w8a8: SmoothQuant int8 weights "
                         "and activations, all three calibrated on a built-in text; "
                         "docs/quantization.md); --dtype stays the compute dtype")
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--method", required=True, choices=QUANT_METHODS,
                    help="int8: per output channel; int4: groups of 32 (int8 embedding); "
-                        "gguf: the .gguf file's own Q8_0/Q4_0/Q4_1 blocks; awq, gptq "
+                        "gguf: the .gguf file's own Q8_0/Q4_x/Q5_x/Q4_K/Q5_K/Q6_K blocks; awq, gptq "
                         "(int4 g128; -g64, -g32), gptq-int8, w8a8: calibrated on a built-in "
                         "text (docs/quantization.md)")
     p.add_argument("--output", "-o", required=True, help="directory to write")

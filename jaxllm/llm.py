@@ -62,8 +62,8 @@ class LLM:
         quantization: weight quantization applied at load (docs/quantization.md):
             ``"int8"`` (symmetric, per output channel), ``"int4"`` / ``"int4-g32"`` /
             ``"int4-g64"`` / ``"int4-g128"`` (asymmetric, group-wise; default group 32; the
-            embedding and LM head stay int8), ``"gguf"`` (a GGUF file's Q8_0 / Q4_0 / Q4_1
-            blocks kept as they are) or a ``jaxllm.quant.QuantConfig``;
+            embedding and LM head stay int8), ``"gguf"`` (a GGUF file's Q8_0 / Q4_0 / Q4_1 /
+            Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K blocks kept quantized) or a ``jaxllm.quant.QuantConfig``;
             None keeps float weights.  Projections, embedding and LM head are quantized;
             ``dtype`` stays the compute dtype.  One device only for now.
         **engine_args: the engine's arguments, :class:`jaxllm.engine.EngineConfig`'s fields

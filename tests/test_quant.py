@@ -90,22 +90,113 @@ def test_bad_input_names_the_value():
 
     with pytest.raises(ValueError, match="one device"):
         _check_quantization("int8", 2)
-
-
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
-def test_gguf_blocks_decode_like_the_gguf_package_bit_for_bit(qtype):
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
-
     from jaxllm.weights.gguf_blocks import blocks_to_quantized
 
+    with pytest.raises(ValueError, match="Q3_K"):
+        blocks_to_quantized(np.zeros(110, np.uint8), "Q3_K", (1, 256))
+    with pytest.raises(ValueError, match="K=96 is not a multiple of 256"):
+        blocks_to_quantized(np.zeros(144, np.uint8), "Q4_K", (1, 96))
+
+
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _gguf_blocks(qtype: str, n: int, k: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """Valid GGUF blocks of an ``[N, K]`` tensor and ``gguf.quants.dequantize`` of them
+    (float32 ``[N, K]``): the gguf package's quantizer for the 32-element types, random
+    bytes with random finite float16 ``d`` / ``dmin`` for the K types (it has no K
+    quantizer)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
     t = GGMLQuantizationType[qtype]
-    w = np.random.default_rng(7).normal(0, 0.05, (24, 96)).astype(np.float32)  # [N, K]
-    raw = quantize(w, t)
-    want = np.asarray(dequantize(raw, t), np.float32)  # [N, K]
-    q = blocks_to_quantized(raw, qtype, w.shape)
-    assert q.shape == (96, 24) and q.group_size == 32
-    np.testing.assert_array_equal(np.asarray(q.dequantize()), want.T)
+    rng = np.random.default_rng(seed)
+    if qtype.endswith("_K"):
+        block, size = GGML_QUANT_SIZES[t]
+        b = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+        for at in ((208,) if qtype == "Q6_K" else (0, 2)):  # Q6_K: d last; else d, dmin first
+            f16 = rng.normal(0, 1e-3, (n, k // block, 1)).astype(np.float16)
+            b[..., at:at + 2] = f16.view(np.uint8)
+        raw = b.reshape(n, -1)
+    else:
+        raw = quantize(rng.normal(0, 0.05, (n, k)).astype(np.float32), t)
+    want = np.asarray(dequantize(raw, t), np.float32)
+    if qtype == "Q4_0":  # our d * 8 + (-8 d) is +0 where gguf-py's d * 0 is -0 (d < 0)
+        want = want + np.float32(0)
+    return raw, want
+
+
+def _bits(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, np.float32)).view(np.uint32)
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_gguf_blocks_decode_like_the_gguf_package_bit_for_bit(qtype):
+    from jaxllm.weights.gguf_blocks import blocks_to_quantized
+
+    n, k = 256, 512  # two super-blocks per row for the K types
+    raw, want = _gguf_blocks(qtype, n, k)
+    q = blocks_to_quantized(raw, qtype, (n, k))
+    assert q.shape == (k, n) and q.group_size == (16 if qtype == "Q6_K" else 32)
+    assert (q.bits, q.packing) == ((4, "gguf32") if qtype in ("Q4_0", "Q4_1", "Q4_K")
+                                   else (8, "none"))
+    np.testing.assert_array_equal(_bits(q.dequantize()), _bits(want.T))
+
+
+def test_gguf_mixed_types_combine_bit_for_bit():
+    """Fused projections / layer stacks mixing block types (llama.cpp's _M files) widen to
+    one layout holding the same weights; parts of one layout are joined as they are."""
+    from jaxllm.weights.gguf_blocks import _combine, blocks_to_quantized
+
+    n, k = 64, 512
+    types = ("Q4_K", "Q6_K", "Q5_1", "Q4_0", "Q8_0")
+    blocks = [_gguf_blocks(t, n, k, seed=i) for i, t in enumerate(types)]
+    parts = [blocks_to_quantized(raw, t, (n, k)) for t, (raw, _) in zip(types, blocks)]
+    wants = [want.T for _, want in blocks]  # [K, N]
+    fused = _combine(parts, lambda a: np.concatenate(a, axis=-1))
+    assert (fused.bits, fused.group_size, fused.packing) == (8, 16, "none")
+    assert fused.scales.dtype == fused.offsets.dtype == np.float32
+    np.testing.assert_array_equal(_bits(fused.dequantize()),
+                                  _bits(np.concatenate(wants, axis=-1)))
+    stacked = _combine(parts, np.stack)
+    assert stacked.shape == (len(types), k, n)
+    np.testing.assert_array_equal(_bits(stacked.dequantize()), _bits(np.stack(wants)))
+    # one layout: kept as it is (4-bit codes, float32 scales and offsets)
+    same = _combine([parts[0], parts[0]], np.stack)
+    assert (same.bits, same.group_size, same.packing) == (4, 32, "gguf32")
+    np.testing.assert_array_equal(np.asarray(same.values[1]), parts[0].values)
+    # symmetric int8 parts stay symmetric with float16 scales (Q8_0 v beside Q5_0 q / k)
+    q5_0 = blocks_to_quantized(_gguf_blocks("Q5_0", n, k)[0], "Q5_0", (n, k))
+    sym = _combine([q5_0, parts[-1]], lambda a: np.concatenate(a, axis=-1))
+    assert sym.offsets is None and sym.scales.dtype == np.float16 and sym.group_size == 32
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "mixed"])
+def test_gguf_k_quant_matmul_equals_dequantize_then_dot(qtype):
+    """``llama.matmul`` on the K-quant layouts (and a widened mix), through the C++ kernel
+    (it reads all of them) and through XLA, equals the float64 product of the dequantized
+    weight to 1e-5 relative."""
+    import cpu_kernels
+    from jaxllm.weights.gguf_blocks import _combine, blocks_to_quantized
+
+    n, k = 96, 512
+    if qtype == "mixed":
+        parts = [blocks_to_quantized(_gguf_blocks(t, n, k)[0], t, (n, k))
+                 for t in ("Q4_K", "Q6_K")]
+        q = _combine(parts, lambda a: np.concatenate(a, axis=-1))
+    else:
+        q = blocks_to_quantized(_gguf_blocks(qtype, n, k)[0], qtype, (n, k))
+    cpu_kernels.check_quantized(q)  # a layout the kernel reads: no fallback needed
+    w = np.asarray(q.dequantize(), np.float64)
+    for rows in (1, 5):
+        x = np.random.default_rng(rows).normal(size=(rows, k)).astype(np.float32)
+        want = x.astype(np.float64) @ w
+        for kernel in ((True, False) if cpu_kernels.available() else (False,)):
+            with cpu_kernels.override(kernel):  # eager: no jit cache across the two paths
+                assert cpu_kernels.quantized_applies(rows, q) == kernel
+                got = np.asarray(llama.matmul(jnp.asarray(x), q), np.float64)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                                       err_msg=f"rows={rows} kernel={kernel}")
 
 
 # --------------------------------------------------------------------------- matmul

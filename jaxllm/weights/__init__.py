@@ -76,7 +76,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: Any = "float32",
     ``"float16"``.  ``use_cache``: read/write the cache of converted params.
     ``progress``: force the tqdm bar on/off (default: on for large or slow loads, off
     with ``JAXLLM_NO_PROGRESS=1``).  ``gguf_blocks``: keep a GGUF file's Q8_0 / Q4_0 /
-    Q4_1 weights quantized in their block layout (:mod:`jaxllm.weights.gguf_blocks`; no
+    Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K weights quantized (:mod:`jaxllm.weights.gguf_blocks`; no
     cache, no float copy).
 
     Raises ``FileNotFoundError`` (missing path, directory without config.json or
