@@ -12,10 +12,11 @@ Attention runs in two calls per layer: ``paged_decode_attention`` over the decod
 only its own longest context) and ``ragged_paged_attention`` over the prefill chunks (one
 ragged call over a whole mixed batch costs more: docs/engine.md).
 
-Speculative decoding: a verify row's token and drafts run as one more multi-token query
-of the ragged call; the LM head then scores every fed row of every verify
-(``x.ver_idx``), the same suppression and penalties as plain sampling apply (the counts
-of each position include the drafts before it) and :func:`jaxllm.spec.rejection.
+Speculative decoding: a verify's token and drafts are ``K + 1`` decode rows (token ``j``
+attends the sequence's pages up to its own position, written in the same step); the LM
+head scores every fed row of every verify (``x.ver_idx``) in the same call as the
+sampled rows, the same suppression and penalties as plain sampling apply (the counts of
+each position include the drafts before it) and :func:`jaxllm.spec.rejection.
 verify_drafts` keeps the accepted prefix plus one target token.  Only those ids return.
 """
 
@@ -141,14 +142,12 @@ def _sample_rows(logits, x: StepInputs, spec: StepSpec, step, counts, prompt_mas
     return tok, (_logprobs(logits, tok, spec.logprobs) if spec.logprobs >= 0 else None)
 
 
-def _verify(params, cfg: ModelConfig, h, x: StepInputs, spec: StepSpec, counts, prompt_mask,
-            lm_head):
-    """``(tokens [B, K+1], accepted [B])`` of every verify row: logits at its ``K + 1`` fed
-    rows, min-token suppression and penalties as at position ``step + j`` (the drafts
-    before ``j`` counted as output), then :func:`verify_drafts`."""
+def _verify(cfg: ModelConfig, logits, x: StepInputs, spec: StepSpec, counts, prompt_mask):
+    """``(tokens [B, K+1], accepted [B])`` of every verify row from ``logits [B*(K+1), V]``
+    at its ``K + 1`` fed rows: min-token suppression and penalties as at position
+    ``step + j`` (the drafts before ``j`` counted as output), then :func:`verify_drafts`."""
     b, k1 = x.ver_idx.shape
     vocab = cfg.vocab_size
-    logits = lm_head(params, cfg, h[x.ver_idx.reshape(-1)])  # [B*(K+1), V]
     row = x.ver_row
     st = jax.tree.map(lambda a: a[row], x.sampling)
     step = x.step[row][:, None] + jnp.arange(k1, dtype=jnp.int32)[None, :]  # [B, K+1]
@@ -209,12 +208,15 @@ def paged_step(params, caches, x: StepInputs, *, cfg: ModelConfig, spec: StepSpe
     hidden, caches = _forward(params, cfg, x.input_ids[None], x.positions[None], caches,
                               attend, model)
     h = hidden[0]
-    logits = lm_head(params, cfg, h[x.logits_idx])
-    tok, lp = _sample_rows(logits, x, spec, x.step, counts, prompt_mask)
+    idx = x.logits_idx
+    if spec.num_verify:  # one LM head over the sampled and the verified rows: one weight read
+        idx = jnp.concatenate([idx, x.ver_idx.reshape(-1)])
+    logits = lm_head(params, cfg, h[idx])
+    r = x.logits_idx.shape[0]
+    tok, lp = _sample_rows(logits[:r], x, spec, x.step, counts, prompt_mask)
     out = {"tokens": tok[None]}
     if spec.num_verify:
-        out["verify"], out["accepted"] = _verify(params, cfg, h, x, spec, counts, prompt_mask,
-                                                 lm_head)
+        out["verify"], out["accepted"] = _verify(cfg, logits[r:], x, spec, counts, prompt_mask)
     if spec.return_hidden:  # the state each emitted token was read from (draft heads)
         out["hidden"] = h[x.logits_idx].astype(jnp.float32)
         if spec.num_verify:
