@@ -21,7 +21,10 @@ Ratios are against float32 in the same run.  ``--speed-only`` skips the quality 
 ``--llama-bench PATH`` (or ``$LLAMA_BENCH``) adds llama.cpp's ``llama-bench`` on the same
 GGUF file (``-t 2``, tg64 and pp512, one repetition per round) to every round, interleaved
 with ours (build: docs/benchmarks.md); rows ``llama.cpp tg64`` / ``llama.cpp pp512`` report
-its tok/s.
+its tok/s.  When ``float32`` / ``bfloat16`` are among the methods and ``llama-quantize``
+sits next to ``llama-bench`` (or ``--llama-quantize PATH``), the same weights converted to
+F32 / BF16 (``llama-quantize --allow-requantize``, cached like ``bench_serve.py`` does) are
+benchmarked too, so every precision has its llama.cpp twin in the same rounds.
 
     python scripts/bench_quant.py
     python scripts/bench_quant.py --method float32 --method int8 --repeat 5
@@ -99,6 +102,24 @@ def decode_rate(llm: LLM, prompts: list[list[int]], new: int) -> float:
     return len(prompts) * new / max(run(1 + new) - run(1), 1e-9)
 
 
+def llama_models(gguf_file: str, methods: list[str], bench: str,
+                 quantize: str | None) -> dict[str, str]:
+    """``{label: gguf path}`` for llama-bench: the file itself, plus F32 / BF16 copies for
+    the float methods when ``llama-quantize`` is at hand."""
+    from bench_serve import llamacpp_gguf  # scripts/: the same cached conversion
+
+    models = {Path(gguf_file).stem.split(".")[-1]: gguf_file}
+    quantize = quantize or str(Path(bench).with_name("llama-quantize"))
+    if not Path(quantize).is_file():
+        print(f"(no llama-quantize at {quantize}: llama.cpp runs only {gguf_file})")
+        return models
+    cache = Path.home() / ".cache" / "jaxllm" / "llamacpp"
+    for m, ftype in (("float32", "F32"), ("bfloat16", "BF16")):
+        if m in methods:
+            models[ftype] = str(llamacpp_gguf(Path(gguf_file), m, Path(quantize), cache, 2))
+    return models
+
+
 def llama_bench(binary: str, model: str) -> dict[str, float]:
     """One llama-bench repetition of tg64 and pp512 on ``model`` with 2 threads: tok/s."""
     out = subprocess.run([binary, "-m", model, "-t", "2", "-p", "512", "-n", "64", "-r", "1",
@@ -127,6 +148,9 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true", help="skip the quality pass")
     ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH"),
                     help="llama-bench binary: run it on the same GGUF file each round")
+    ap.add_argument("--llama-quantize", default=None,
+                    help="llama-quantize binary (default: next to llama-bench) for the "
+                         "F32 / BF16 copies")
     args = ap.parse_args()
     methods = args.method or ["float32", "bfloat16", "int8", "int4", "int4-e4", "gguf"]
     batches = args.batch or [1, 32]
@@ -170,13 +194,15 @@ def main() -> None:
     lcpp: dict[str, list[float]] = {}
     if args.llama_bench and not gguf_file.endswith(".gguf"):
         raise SystemExit(f"--llama-bench needs a .gguf model, got {gguf_file}")
+    lmodels = (llama_models(gguf_file, methods, args.llama_bench, args.llama_quantize)
+               if args.llama_bench else {})
     for _ in range(args.repeat):
         for m in methods:
             for b in batches:
                 rows[m]["tok_s"][b].append(decode_rate(llms[m], prompts[:b], args.new_tokens))
-        if args.llama_bench:  # same file, same round: load changes hit both alike
-            for name, tok in llama_bench(args.llama_bench, gguf_file).items():
-                lcpp.setdefault(name, []).append(tok)
+        for label, path in lmodels.items():  # same round: load changes hit both alike
+            for name, tok in llama_bench(args.llama_bench, path).items():
+                lcpp.setdefault(f"{name} {label}", []).append(tok)
     f32 = rows["float32"]
     tok0 = {b: statistics.median(f32["tok_s"][b]) for b in batches}
     print(f"\n{'weights':10s} {'MiB':>8s} {'vs f32':>7s} {'NLL':>8s} {'ppl':>8s} "
@@ -189,8 +215,8 @@ def main() -> None:
               f"{r['agree']:6.3f}" + "".join(f" {tok[b]:11.1f} {tok[b] / tok0[b]:7.2f}"
                                              for b in batches))
     for name, toks in lcpp.items():
-        print(f"{name:18s} {'':>43s} {statistics.median(toks):7.1f}   (rounds: "
-              f"{', '.join(f'{t:.1f}' for t in toks)}; {os.path.basename(gguf_file)})")
+        print(f"{name:22s} {'':>39s} {statistics.median(toks):7.1f}   (rounds: "
+              f"{', '.join(f'{t:.1f}' for t in toks)})")
     print("ours per round (tok/s): " + "; ".join(
         f"{m} b{b} {', '.join(f'{t:.1f}' for t in ts)}" for m, r in rows.items()
         for b, ts in r["tok_s"].items()))

@@ -6,7 +6,7 @@ matching input rows (row-parallel) and produce partial sums.  So each layer need
 exactly two all-reduces over ``tensor`` -- after o_proj and after down -- and the
 attention kernel (XLA or Pallas) runs unchanged on the local heads.
 
-:func:`layer` mirrors ``jaxllm.models.llama._layer`` line for line, with the two
+:func:`layer` mirrors ``jaxllm.models.llama.decoder_layer`` line for line, with the two
 ``psum`` calls added; it reuses the model's own ``linear`` / ``rms_norm`` /
 ``apply_rope`` so adapters and quantized weights hooked into ``linear`` keep working.
 ``tests/test_sharding.py::test_tp1_layer_matches_llama`` fails if the two drift apart.

@@ -268,7 +268,7 @@ else:
     @pytest.mark.parametrize("kw", [dict(attention_bias=True, tie_word_embeddings=True),
                                     dict(sliding_window=6)], ids=["qwen2-like", "mistral-like"])
     def test_layer_mirror_matches_llama_on_variants(kw, tokens):
-        """sharding.tensor_parallel.layer mirrors llama._layer: bias, tied head, window."""
+        """sharding.tensor_parallel.layer mirrors llama.decoder_layer: bias, tied head, window."""
         cfg = _variant(**kw)
         host = W.host_params(cfg, seed=3)
         ref = np.asarray(jax.jit(llama.logits, static_argnums=1)(

@@ -285,8 +285,12 @@ def _lora_delta(x: jax.Array, lp: Params, name: str) -> jax.Array:
     return d
 
 
-def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
-           layer_cache: Any, attend: AttendFn, index: Any = 0) -> tuple[jax.Array, Any]:
+def decoder_layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
+                  sin: jax.Array, layer_cache: Any, attend: AttendFn,
+                  index: Any = 0) -> tuple[jax.Array, Any]:
+    """One pre-norm decoder layer on ``x [B, T, D]``: attention through ``attend(q, k, v,
+    layer_cache, index) -> (out, layer_cache)``, then the SwiGLU MLP, each with its
+    residual.  :func:`forward` runs it per layer; EAGLE draft heads run it on their own."""
     b, t, _ = x.shape
     hd = cfg.head_dim
     with jax.named_scope("attention"):
@@ -342,7 +346,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     cos, sin = rope_cos_sin(cfg, positions)
 
     def layer(x, lp, cache, i):
-        return _layer(cfg, lp, x, cos, sin, cache, attend, i)
+        return decoder_layer(cfg, lp, x, cos, sin, cache, attend, i)
 
     if remat_policy is not None:
         layer = jax.checkpoint(layer, policy=remat_policy)

@@ -223,7 +223,7 @@ def eagle_step(head_params: HeadParams, target_params: Any, hcfg: HeadsConfig,
     cos, sin = llama.rope_cos_sin(lcfg, positions)
     layer = jax.tree.map(lambda a: a.astype(dt), p["layer"])
     # the model's own layer (norms, GQA attention, RoPE, SwiGLU) with a chain-local attend
-    out, cache = llama._layer(lcfg, layer, x[:, None, :], cos, sin, cache, _chain_attend)
+    out, cache = llama.decoder_layer(lcfg, layer, x[:, None, :], cos, sin, cache, _chain_attend)
     return out[:, 0], cache
 
 
