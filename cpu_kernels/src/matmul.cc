@@ -7,6 +7,7 @@
 // chains) -- for more rows the block is re-read from L2, not from memory.  Column
 // blocks are the parallel items.  A second entry point takes w stored [N, K] (below).
 
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -107,33 +108,6 @@ static void Run(ffi::ThreadPool& pool, const MatmulParams& p) {
   });
 }
 
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
-    return ffi::Error::InvalidArgument("small_matmul: expected x [M, K] and w [K, N]");
-  }
-  MatmulParams p;
-  p.M = xd[0];
-  p.K = xd[1];
-  p.N = wd[1];
-  std::vector<float> xf(p.M * p.K);
-  if (!WidenX(x, xf)) {
-    return ffi::Error::InvalidArgument("small_matmul: x must be float32 or bfloat16");
-  }
-  p.x = xf.data();
-  p.w = w.untyped_data();
-  p.y = y->typed_data();
-  switch (w.element_type()) {
-    case ffi::DataType::F32: Run<float>(pool, p); break;
-    case ffi::DataType::BF16:
-    case ffi::DataType::U16: Run<uint16_t>(pool, p); break;
-    default:
-      return ffi::Error::InvalidArgument("small_matmul: w must be float32 or bfloat16");
-  }
-  return ffi::Error::Success();
-}
-
 // ---------------------------------------------------------------- output-major weights
 // y [M, N] = x [M, K] @ w^T for w stored [N, K] (the tied LM head reads the [V, D]
 // embedding this way): each weight row is one contiguous K-run, read once for all rows
@@ -205,29 +179,34 @@ static void RunNT(ffi::ThreadPool& pool, const MatmulParams& p) {
   });
 }
 
-ffi::Error MatmulNTImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                        ffi::ResultBuffer<ffi::F32> y) {
+// Both entry points: check the shapes, widen x, dispatch on w's element type.  NT: w is
+// stored [N, K] (output-major) rather than [K, N].
+template <bool NT>
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const std::string name = NT ? "small_matmul_nt" : "small_matmul";
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("small_matmul_nt: expected x [M, K] and w [N, K]");
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[NT ? 1 : 0]) {
+    return ffi::Error::InvalidArgument(
+        name + (NT ? ": expected x [M, K] and w [N, K]" : ": expected x [M, K] and w [K, N]"));
   }
   MatmulParams p;
   p.M = xd[0];
   p.K = xd[1];
-  p.N = wd[0];
+  p.N = wd[NT ? 0 : 1];
   std::vector<float> xf(p.M * p.K);
   if (!WidenX(x, xf)) {
-    return ffi::Error::InvalidArgument("small_matmul_nt: x must be float32 or bfloat16");
+    return ffi::Error::InvalidArgument(name + ": x must be float32 or bfloat16");
   }
   p.x = xf.data();
   p.w = w.untyped_data();
   p.y = y->typed_data();
   switch (w.element_type()) {
-    case ffi::DataType::F32: RunNT<float>(pool, p); break;
+    case ffi::DataType::F32: NT ? RunNT<float>(pool, p) : Run<float>(pool, p); break;
     case ffi::DataType::BF16:
-    case ffi::DataType::U16: RunNT<uint16_t>(pool, p); break;
+    case ffi::DataType::U16: NT ? RunNT<uint16_t>(pool, p) : Run<uint16_t>(pool, p); break;
     default:
-      return ffi::Error::InvalidArgument("small_matmul_nt: w must be float32 or bfloat16");
+      return ffi::Error::InvalidArgument(name + ": w must be float32 or bfloat16");
   }
   return ffi::Error::Success();
 }
@@ -235,14 +214,14 @@ ffi::Error MatmulNTImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
 }  // namespace
 }  // namespace jaxllm
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmSmallMatmulNT, jaxllm::MatmulNTImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmSmallMatmulNT, jaxllm::MatmulImpl<true>,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::AnyBuffer>()  // x [M, K]
                                   .Arg<xla::ffi::AnyBuffer>()  // w [N, K]
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmSmallMatmul, jaxllm::MatmulImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmSmallMatmul, jaxllm::MatmulImpl<false>,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::AnyBuffer>()  // x [M, K]
