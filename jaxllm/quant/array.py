@@ -25,6 +25,22 @@ import numpy as np
 PACKINGS = ("none", "interleaved", "gguf32")
 
 
+def unpack_codes(values: Any, packing: str) -> Any:
+    """Codes stored with ``packing`` (see :class:`QuantizedArray`) unpacked to
+    ``[..., K, N]``: numpy in, numpy out (loaders); jax in, jax out."""
+    xp = np if isinstance(values, np.ndarray) else jnp
+    if packing == "none":
+        return values
+    lo, hi = values & 0xF, values >> 4
+    *lead, kh, n = values.shape
+    if packing == "interleaved":
+        return xp.stack([lo, hi], axis=-2).reshape(*lead, 2 * kh, n)
+    # gguf32: per 32-element block, 16 bytes; low nibbles are elements 0..15
+    lo = lo.reshape(*lead, kh // 16, 16, n)
+    hi = hi.reshape(*lead, kh // 16, 16, n)
+    return xp.concatenate([lo, hi], axis=-2).reshape(*lead, 2 * kh, n)
+
+
 @jax.tree_util.register_pytree_node_class
 class QuantizedArray:
     """A quantized matrix (or stack of matrices) that model code uses like a float weight.
@@ -128,17 +144,7 @@ class QuantizedArray:
     # ------------------------------------------------------------------ dequantize
     def codes(self) -> jax.Array:
         """The integer codes unpacked to ``[..., K, N]`` (int8 or uint8 0..15)."""
-        v = jnp.asarray(self.values)
-        if self.packing == "none":
-            return v
-        lo, hi = v & 0xF, v >> 4
-        *lead, kh, n = v.shape
-        if self.packing == "interleaved":
-            return jnp.stack([lo, hi], axis=-2).reshape(*lead, 2 * kh, n)
-        # gguf32: per 32-element block, 16 bytes; low nibbles are elements 0..15
-        lo = lo.reshape(*lead, kh // 16, 16, n)
-        hi = hi.reshape(*lead, kh // 16, 16, n)
-        return jnp.concatenate([lo, hi], axis=-2).reshape(*lead, 2 * kh, n)
+        return unpack_codes(jnp.asarray(self.values), self.packing)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The float array this stands for (``dtype``: default ``self.dtype``); the

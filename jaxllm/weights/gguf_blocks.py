@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.quant import QuantizedArray
+from jaxllm.quant.array import unpack_codes
 from jaxllm.weights._common import resolve_dtype
 from jaxllm.weights.gguf import (_LAYER_TENSORS, GGUFTokenizerInfo, SUPPORTED_GGUF_ARCHITECTURES,
                                  _unpermute_rope, config_from_gguf, read_gguf, read_tensor)
@@ -188,10 +189,7 @@ def _widen(q: QuantizedArray, bits: int, group: int, offsets: bool,
     (``x + -0.0 == x`` for every float ``x``, signed zeros included)."""
     values = q.values
     if bits != q.bits:  # gguf32 [K/2, N] -> int8 [K, N]
-        *lead, kh, n = values.shape
-        v = values.reshape(*lead, kh // 16, 16, n)
-        values = np.concatenate([v & 0xF, v >> 4], axis=-2).reshape(*lead, 2 * kh, n)
-        values = values.astype(np.int8)
+        values = unpack_codes(np.asarray(values), q.packing).astype(np.int8)
 
     def regroup(a: np.ndarray) -> np.ndarray:
         reps = q.group_size // group
