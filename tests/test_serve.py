@@ -271,12 +271,44 @@ def test_disconnect_aborts_and_frees_pages(served):
         with served.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
             next(r.iter_lines())
             assert served.metrics()["vllm:kv_cache_usage_perc"] > 0
-        # non-streaming: give up after 0.3 s
-        with pytest.raises(httpx.ReadTimeout):
-            served.http.post("/v1/completions", json=body, timeout=0.3)
+        # non-streaming: hang up while it runs
+        with _raw_post(served, body):
+            _wait_for(lambda: served.metrics()["vllm:num_requests_running"] == 1)
+        # non-streaming: hang up before it reaches the engine (the server is held inside
+        # tokenization until the socket is closed, so it is admitted after its client left)
+        srv, encode = served.app_state, served.app_state.encode
+        entered, gone = threading.Event(), threading.Event()
+        srv.encode = lambda *a: (entered.set(), gone.wait(10), encode(*a))[2]
+        try:
+            with _raw_post(served, body):
+                assert entered.wait(10)
+        finally:
+            gone.set()
+            del srv.encode
         m = served.wait_idle()
     assert m["vllm:kv_cache_usage_perc"] == 0.0  # every page back in the pool
-    assert m["vllm:request_success_total[abort]"] == before + 2
+    assert m["vllm:request_success_total[abort]"] == before + 3
+
+
+@contextlib.contextmanager
+def _raw_post(served, body: dict):
+    """POST ``body`` to /v1/completions on a raw socket; leaving the block hangs up
+    (no client-side timeout to race with the server's pace)."""
+    data = json.dumps(body).encode()
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        yield
+
+
+def _wait_for(cond, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
 
 
 def test_request_timeout(served):

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxllm.engine.async_engine import AsyncLLMEngine
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling import SamplingParams
-from jaxllm.serve.metrics import Metrics
+from jaxllm.serve.metrics import Metrics, RequestTimer
 from jaxllm.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage,
                                    CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                    parse_body)
@@ -81,6 +81,7 @@ class _Job:
     prompt_ids: list[int]
     params: SamplingParams
     prompt_text: str | None = None
+    timer: RequestTimer | None = None  # set at admission
 
 
 class Server:
@@ -109,8 +110,10 @@ class Server:
             raise APIError(f"The model `{name}` does not exist.", status=404, param="model",
                            code="model_not_found")
 
-    def admit(self, cost: int) -> None:
-        """Take ``cost`` sequence seats, or raise 429 (queue full)."""
+    def admit(self, jobs: list[_Job], cost: int) -> None:
+        """Take ``cost`` sequence seats for ``jobs``, or raise 429 (queue full).  Their
+        metrics start here: a request counts from admission, even if its client leaves
+        before it reaches the engine."""
         capacity = self.max_num_seqs + self.config.max_waiting_requests
         if cost > capacity:
             raise APIError(f"the request needs {cost} sequences (prompts x n); this server "
@@ -122,9 +125,14 @@ class Server:
                            type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(self.config.retry_after)})
         self.in_flight += cost
+        for job in jobs:
+            job.timer = self.metrics.request(len(job.prompt_ids))
 
-    def release(self, cost: int) -> None:
+    def release(self, jobs: list[_Job], cost: int) -> None:
+        """Give back what :meth:`admit` took; a job that did not finish ends as aborted."""
         self.in_flight -= cost
+        for job in jobs:
+            job.timer.finish("abort")  # no-op when it finished
 
     def need_tokenizer(self, what: str) -> Any:
         if self.tokenizer is None:
@@ -168,18 +176,14 @@ class Server:
     # ------------------------------------------------------------------ running
 
     async def run_job(self, job: _Job) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for one job, observed by the metrics."""
-        timer = self.metrics.request(len(job.prompt_ids))
+        """The engine's outputs for one admitted job, observed by its metrics timer."""
         # aclosing: leaving early closes the engine's stream now (which aborts the request),
         # not whenever the generator is garbage-collected
-        try:
-            async with contextlib.aclosing(self.engine.generate(
-                    job.prompt_ids, job.params, job.request_id)) as outs:
-                async for out in outs:
-                    timer.on_output(out, self.engine.scheduled_at.get(job.request_id))
-                    yield out
-        finally:
-            timer.finish("abort")  # no-op when the request finished
+        async with contextlib.aclosing(self.engine.generate(
+                job.prompt_ids, job.params, job.request_id)) as outs:
+            async for out in outs:
+                job.timer.on_output(out, self.engine.scheduled_at.get(job.request_id))
+                yield out
 
     async def run_jobs(self, jobs: list[_Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(job index, output) from all jobs as they come; closing this aborts them all."""
@@ -382,17 +386,26 @@ async def _completions(srv: Server, request: Request) -> Response:
         if text is None and req.echo:
             text = srv.need_tokenizer("echo").decode(ids)
         jobs.append(_Job(f"{rid}-{i}", ids, sp, text))
-    cost = len(jobs) * (req.best_of or req.n)
-    srv.admit(cost)
+    return await _answer(srv, request, jobs, len(jobs) * (req.best_of or req.n), req.stream,
+                         lambda: _completion_events(srv, req, rid, jobs),
+                         lambda: _completion_body(srv, req, rid, jobs))
+
+
+async def _answer(srv: Server, request: Request, jobs: list[_Job], cost: int, stream: bool,
+                  events: Callable[[], AsyncIterator[str]],
+                  body: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
+    """Admit ``jobs`` (``cost`` seats) and answer with ``events()`` streamed or ``body()``
+    as JSON; the seats come back however the request ends."""
+    srv.admit(jobs, cost)
     try:
-        if req.stream:
-            return _stream_response(srv, request, _completion_events(srv, req, rid, jobs), cost)
-        body = await srv.until_disconnect(request, _completion_body(srv, req, rid, jobs))
+        if stream:
+            return _stream_response(events(), lambda: srv.release(jobs, cost))
+        result = await srv.until_disconnect(request, body())
     except BaseException:
-        srv.release(cost)
+        srv.release(jobs, cost)
         raise
-    srv.release(cost)
-    return JSONResponse(body)
+    srv.release(jobs, cost)
+    return JSONResponse(result)
 
 
 async def _completion_body(srv: Server, req: CompletionRequest, rid: str,
@@ -532,18 +545,10 @@ async def _chat(srv: Server, request: Request) -> Response:
     echo = ""
     if req.echo and req.messages[-1].role == "assistant":
         echo = req.messages[-1].text()  # vLLM: the last assistant message goes in front
-    jobs = [_Job(rid, ids, sp)]
-    srv.admit(req.n)
-    try:
-        if req.stream:
-            return _stream_response(srv, request, _chat_events(srv, req, rid, jobs[0], echo),
-                                    req.n)
-        body = await srv.until_disconnect(request, _chat_body(srv, req, rid, jobs[0], echo))
-    except BaseException:
-        srv.release(req.n)
-        raise
-    srv.release(req.n)
-    return JSONResponse(body)
+    job = _Job(rid, ids, sp)
+    return await _answer(srv, request, [job], req.n, req.stream,
+                         lambda: _chat_events(srv, req, rid, job, echo),
+                         lambda: _chat_body(srv, req, rid, job, echo))
 
 
 async def _chat_body(srv: Server, req: ChatCompletionRequest, rid: str, job: _Job,
@@ -631,11 +636,12 @@ class _EventStream(StreamingResponse):
             self._on_close()
 
 
-def _stream_response(srv: Server, request: Request, events: AsyncIterator[str],
-                     cost: int) -> StreamingResponse:
+def _stream_response(events: AsyncIterator[str],
+                     on_close: Callable[[], None]) -> StreamingResponse:
     """Server-sent events from ``events``, then ``data: [DONE]``.  An error mid-stream is
     sent as an error event (the status line has gone out already).  A disconnect cancels
-    the stream (Starlette), which closes ``events`` and aborts its engine requests."""
+    the stream (Starlette), which closes ``events`` and aborts its engine requests;
+    ``on_close`` runs once the response is over, however it ended."""
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -650,7 +656,7 @@ def _stream_response(srv: Server, request: Request, events: AsyncIterator[str],
             await events.aclose()
         yield "data: [DONE]\n\n"
 
-    return _EventStream(body(), lambda: srv.release(cost))
+    return _EventStream(body(), on_close)
 
 
 # ---------------------------------------------------------------------- the app
