@@ -8,7 +8,7 @@ use (:mod:`cpu_kernels.build`).  ``JAXLLM_CPU_KERNELS``:
 * unset -- build on first use; if that fails, log one line and use XLA;
 * ``0`` -- never use the kernels;
 * ``1`` -- raise if they cannot be built, and also take the small-M matmul for float32
-  weights at every row count it supports (the measured threshold is 2-8 rows).
+  weights at every row count it supports (the measured threshold is 1-16 rows).
 """
 
 from __future__ import annotations
@@ -191,8 +191,8 @@ def matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array
 _MATMUL_MAX_ROWS = 16  # quantized LM head (below): XLA's tiled GEMM wins beyond
 _MATMUL_BF16_MAX_ROWS = 64  # bf16 weights: 1.4-2.9x to 64 rows, ~1.0x at 96-256 (XLA widens w)
 _MATMUL_MAX_N = 8192  # the 49152-wide LM head: our column blocks stride 196 KB rows (slower)
-_MATMUL_F32_ROWS = (2, 8)  # float32 weights: 1 row ties XLA's dot, 16 rows lose; 4 rows in
-# the model: a verify step 45 ms vs 56 with XLA's dot (isolated calls mislead: docs/cpu_kernels.md)
+_MATMUL_F32_ROWS = (1, 16)  # float32 weights (split by K): in the model 1.1x XLA at 1 row, 1.2x
+# at 16, 0.95x at 32; a 4-row verify step 36 ms vs 56 (isolated calls mislead: docs/cpu_kernels.md)
 _MATMUL_NT_MAX_ROWS = 64  # bf16 [N, K] weights (tied LM head): XLA transposes w per call (1.3-8x)
 _MATMUL_NT_F32_ROWS = (2, 16)  # float32: 1 row ties XLA's dot, 32 rows lose
 

@@ -144,6 +144,20 @@ def test_matmul_matches_xla(rows, k, n, dtype, x_bf16, transposed, seed):
     np.testing.assert_allclose(out, ref, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
 
 
+@pytest.mark.parametrize("rows,dtype", [(1, "float32"), (3, "float32"), (8, "float32"),
+                                        (1, "bfloat16")])
+def test_matmul_split_by_k(rows, dtype):
+    """float32 weights (and bf16 at one row) are split by K across threads: K = 1001 gives
+    uneven ranges and a partial group of weight rows, N = 200 columns past the last
+    multiple of 64 (bf16: its even / odd column order undone)."""
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 1001)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1001, 200)), dtype)
+    ref = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+    out = np.asarray(jax.jit(cpu_kernels.matmul)(x, w))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_matmul_dispatch_and_grad():
     from jaxllm.models import llama
 

@@ -1,11 +1,13 @@
 // Small-M matmul for decode: y [M, N] f32 = x [M, K] (f32 / bf16) @ w [K, N] (f32 / bf16 /
 // bf16 bits in u16), float32 accumulation, weights widened in registers.
 //
-// XLA:CPU streams such weights at ~12 GB/s (JAX_NOTES.md); the work here is a stream
-// over w in column blocks of 64: each block is read from memory once, for all rows,
-// with the rows in register tiles of MR rows x NV 8-lane vectors (MR * NV = 8 FMA
-// chains) -- for more rows the block is re-read from L2, not from memory.  Column
-// blocks are the parallel items.  A second entry point takes w stored [N, K] (below).
+// XLA:CPU streams such weights at ~12 GB/s (JAX_NOTES.md).  bf16 weights: a stream over
+// w in column blocks of 64, each block read from memory once for all rows, with the rows
+// in register tiles of MR rows x NV 8-lane vectors (MR * NV = 8 FMA chains) -- for more
+// rows the block is re-read from L2, not from memory; column blocks are the parallel
+// items.  float32 weights, and bf16 with one row: split by K instead (RunKSplit), so
+// that each thread streams contiguous memory.  A second entry point takes w stored
+// [N, K] (below).
 
 #include <string>
 #include <vector>
@@ -108,6 +110,87 @@ static void Run(ffi::ThreadPool& pool, const MatmulParams& p) {
   });
 }
 
+#ifdef JAXLLM_AVX2
+// float32 and bf16 weights, split by K: each item streams one contiguous run of weight
+// rows (all N columns) into its own partial y, summed at the end.  Column blocks --
+// 256-byte pieces of rows 2-12 KB apart -- measured 1.4x slower at 4 rows
+// (docs/cpu_kernels.md).  Rows of w go kSub at a time: kSub sequential streams, each
+// 64-column piece of them read from memory for the first row of x and from L1 for the
+// others.
+constexpr int64_t kSub = 4;
+
+// 64 weights of one row as 8 float vectors.  bf16: 16 at a time without a shuffle -- the
+// shift gives the even columns, the mask the odd ones -- so the 8 vectors hold columns
+// in the order (0 2 .. 14, 1 3 .. 15, 16 18 ..); Unpermute restores it.
+static inline void Load64(const float* w, __m256* v) {
+  for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(w + 8 * i);
+}
+static inline void Load64(const uint16_t* w, __m256* v) {
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int i = 0; i < 4; ++i) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * i));
+    v[2 * i] = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+    v[2 * i + 1] = _mm256_castsi256_ps(_mm256_and_si256(b, hi));
+  }
+}
+
+template <typename W>
+static void KRange(const MatmulParams& p, int64_t k0, int64_t k1, float* y) {
+  const W* w = static_cast<const W*>(p.w);
+  std::fill_n(y, p.M * p.N, 0.f);
+  const int64_t nfull = p.N / 64 * 64;
+  for (int64_t k = k0; k < k1; k += kSub) {
+    const int64_t kn = std::min(kSub, k1 - k);
+    for (int64_t n = 0; n < nfull; n += 64) {
+      for (int64_t m = 0; m < p.M; ++m) {
+        float* yr = y + m * p.N + n;
+        const float* x = p.x + m * p.K + k;
+        __m256 acc[8], wv[8];
+        for (int v = 0; v < 8; ++v) acc[v] = _mm256_loadu_ps(yr + 8 * v);
+        for (int64_t j = 0; j < kn; ++j) {
+          Load64(w + (k + j) * p.N + n, wv);
+          const __m256 xb = _mm256_set1_ps(x[j]);
+          for (int v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(xb, wv[v], acc[v]);
+        }
+        for (int v = 0; v < 8; ++v) _mm256_storeu_ps(yr + 8 * v, acc[v]);
+      }
+    }
+    for (int64_t m = 0; m < p.M; ++m) {  // columns past the last multiple of 64
+      for (int64_t j = 0; j < kn; ++j) {
+        const float xv = p.x[m * p.K + k + j];
+        const W* wr = w + (k + j) * p.N;
+        for (int64_t n = nfull; n < p.N; ++n) y[m * p.N + n] += xv * load<W>(wr, n);
+      }
+    }
+  }
+}
+
+template <typename W>
+static void RunKSplit(ffi::ThreadPool& pool, const MatmulParams& p) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t items = std::clamp<int64_t>(p.K / 64, 1, threads);
+  const int64_t size = p.M * p.N;
+  std::vector<float> partial(items * size);
+  ParallelFor(pool, items, [&](int64_t i) {
+    KRange<W>(p, p.K * i / items, p.K * (i + 1) / items, partial.data() + i * size);
+  });
+  for (int64_t i = 1; i < items; ++i)
+    for (int64_t j = 0; j < size; ++j) partial[j] += partial[i * size + j];
+  const int64_t nfull = std::is_same_v<W, float> ? 0 : p.N / 64 * 64;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* src = partial.data() + m * p.N;
+    float* dst = p.y + m * p.N;
+    for (int64_t n = 0; n < nfull; n += 16) {  // bf16: (even, odd) columns back in order
+      for (int i = 0; i < 8; ++i) {
+        dst[n + 2 * i] = src[n + i];
+        dst[n + 2 * i + 1] = src[n + 8 + i];
+      }
+    }
+    std::copy(src + nfull, src + p.N, dst + nfull);
+  }
+}
+#endif
+
 // ---------------------------------------------------------------- output-major weights
 // y [M, N] = x [M, K] @ w^T for w stored [N, K] (the tied LM head reads the [V, D]
 // embedding this way): each weight row is one contiguous K-run, read once for all rows
@@ -202,9 +285,23 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   p.w = w.untyped_data();
   p.y = y->typed_data();
   switch (w.element_type()) {
-    case ffi::DataType::F32: NT ? RunNT<float>(pool, p) : Run<float>(pool, p); break;
+    case ffi::DataType::F32:
+#ifdef JAXLLM_AVX2
+      NT ? RunNT<float>(pool, p) : RunKSplit<float>(pool, p);
+#else
+      NT ? RunNT<float>(pool, p) : Run<float>(pool, p);
+#endif
+      break;
     case ffi::DataType::BF16:
-    case ffi::DataType::U16: NT ? RunNT<uint16_t>(pool, p) : Run<uint16_t>(pool, p); break;
+    case ffi::DataType::U16:
+#ifdef JAXLLM_AVX2
+      if (NT) RunNT<uint16_t>(pool, p);
+      else if (p.M == 1) RunKSplit<uint16_t>(pool, p);  // one row: split by K (1.3x)
+      else Run<uint16_t>(pool, p);  // more rows share the widening in register tiles
+#else
+      NT ? RunNT<uint16_t>(pool, p) : Run<uint16_t>(pool, p);
+#endif
+      break;
     default:
       return ffi::Error::InvalidArgument(name + ": w must be float32 or bfloat16");
   }
