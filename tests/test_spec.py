@@ -504,7 +504,7 @@ def test_draft_head_methods_run_exactly(model, tmp_path, method):
     sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     want = _tokens(make_engine(model).generate(texts, sp))
     eng = make_engine(model, {"method": method, "num_speculative_tokens": 3,
-                              "model": str(tmp_path / method)})
+                              "model": str(tmp_path / method), "disable_by_batch_size": None})
     assert _tokens(eng.generate(texts, sp)) == want
     assert eng.stats.spec[method].verifies > 0
     with pytest.raises(ValueError, match="exceeds the 3 Medusa heads|holds"):
@@ -527,7 +527,7 @@ def test_draft_model_and_early_exit_run_exactly(model, tmp_path):
                                 num_hidden_layers=1, hidden_size=32, intermediate_size=48)
     for spec in ({"method": "draft_model", "num_speculative_tokens": 3, "model": str(draft_dir)},
                  {"method": "early_exit", "num_speculative_tokens": 3, "early_exit_layers": 1}):
-        eng = make_engine(model, spec)
+        eng = make_engine(model, {**spec, "disable_by_batch_size": None})
         assert _tokens(eng.generate(texts, sp)) == want, spec["method"]
         assert eng.stats.spec[spec["method"]].verifies > 0
     other, _ = save_tiny_hf(tmp_path / "other", "llama", vocab_size=128)
