@@ -121,7 +121,7 @@ constexpr int64_t kSub = 4;
 
 // 64 weights of one row as 8 float vectors.  bf16: 16 at a time without a shuffle -- the
 // shift gives the even columns, the mask the odd ones -- so the 8 vectors hold columns
-// in the order (0 2 .. 14, 1 3 .. 15, 16 18 ..); Unpermute restores it.
+// in the order (0 2 .. 14, 1 3 .. 15, 16 18 ..); RunKSplit puts them back in order.
 static inline void Load64(const float* w, __m256* v) {
   for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(w + 8 * i);
 }
