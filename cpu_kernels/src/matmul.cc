@@ -10,6 +10,7 @@
 // [N, K] (below).
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -174,21 +175,30 @@ static void RunKSplit(ffi::ThreadPool& pool, const MatmulParams& p) {
   ParallelFor(pool, items, [&](int64_t i) {
     KRange<W>(p, p.K * i / items, p.K * (i + 1) / items, partial.data() + i * size);
   });
-  for (int64_t i = 1; i < items; ++i)
-    for (int64_t j = 0; j < size; ++j) partial[j] += partial[i * size + j];
-  const int64_t nfull = std::is_same_v<W, float> ? 0 : p.N / 64 * 64;
+  // y = the sum of the partials; bf16's full 64-column blocks come back from (even, odd)
+  // order: column c of a 16-column group was stored at (c odd ? 8 : 0) + c / 2.
+  const int64_t permuted = std::is_same_v<W, float> ? 0 : p.N / 64 * 64;
   for (int64_t m = 0; m < p.M; ++m) {
-    const float* src = partial.data() + m * p.N;
-    float* dst = p.y + m * p.N;
-    for (int64_t n = 0; n < nfull; n += 16) {  // bf16: (even, odd) columns back in order
-      for (int i = 0; i < 8; ++i) {
-        dst[n + 2 * i] = src[n + i];
-        dst[n + 2 * i + 1] = src[n + 8 + i];
-      }
+    for (int64_t n = 0; n < p.N; ++n) {
+      const int64_t c = n & 15;
+      const int64_t at = m * p.N + (n < permuted ? n - c + (c & 1) * 8 + c / 2 : n);
+      float s = 0.f;
+      for (int64_t i = 0; i < items; ++i) s += partial[i * size + at];
+      p.y[m * p.N + n] = s;
     }
-    std::copy(src + nfull, src + p.N, dst + nfull);
   }
 }
+
+// The traversal for w [K, N] (measured: docs/cpu_kernels.md): split by K for float32 and
+// for one row of bf16; more bf16 rows share the widening in the column-block tiles.
+template <typename W>
+static void RunKN(ffi::ThreadPool& pool, const MatmulParams& p) {
+  if (std::is_same_v<W, float> || p.M == 1) return RunKSplit<W>(pool, p);
+  Run<W>(pool, p);
+}
+#else
+template <typename W>
+static void RunKN(ffi::ThreadPool& pool, const MatmulParams& p) { Run<W>(pool, p); }
 #endif
 
 // ---------------------------------------------------------------- output-major weights
@@ -285,23 +295,9 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   p.w = w.untyped_data();
   p.y = y->typed_data();
   switch (w.element_type()) {
-    case ffi::DataType::F32:
-#ifdef JAXLLM_AVX2
-      NT ? RunNT<float>(pool, p) : RunKSplit<float>(pool, p);
-#else
-      NT ? RunNT<float>(pool, p) : Run<float>(pool, p);
-#endif
-      break;
+    case ffi::DataType::F32: NT ? RunNT<float>(pool, p) : RunKN<float>(pool, p); break;
     case ffi::DataType::BF16:
-    case ffi::DataType::U16:
-#ifdef JAXLLM_AVX2
-      if (NT) RunNT<uint16_t>(pool, p);
-      else if (p.M == 1) RunKSplit<uint16_t>(pool, p);  // one row: split by K (1.3x)
-      else Run<uint16_t>(pool, p);  // more rows share the widening in register tiles
-#else
-      NT ? RunNT<uint16_t>(pool, p) : Run<uint16_t>(pool, p);
-#endif
-      break;
+    case ffi::DataType::U16: NT ? RunNT<uint16_t>(pool, p) : RunKN<uint16_t>(pool, p); break;
     default:
       return ffi::Error::InvalidArgument(name + ": w must be float32 or bfloat16");
   }
