@@ -362,6 +362,23 @@ def test_quantized_matmul_matches_xla(fmt, rows, groups, n, x_bf16, scale_dtype,
     np.testing.assert_array_less(np.abs(out - ref), QUANT_RTOL * bound + 1e-30)
 
 
+@pytest.mark.parametrize("fmt,rows", [("int8", 1), ("int8", 5), ("int4-g32", 1),
+                                      ("Q4_1", 3), ("Q8_0", 16)])
+def test_quantized_matmul_split_by_k(fmt, rows):
+    """Weights wider than 1024 columns are split by K across threads: 37 groups of 32 give
+    uneven item ranges, int8's one per-channel group spans several passes (its sums carried
+    between them), N = 1100 leaves a partial 64-column block and 4 columns past the last 8.
+    Against float64 NumPy on the dequantized weight."""
+    rng = np.random.default_rng(rows)
+    q = _quantized(fmt, rng.standard_normal((32 * 37, 1100)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((rows, 32 * 37)), jnp.float32)
+    w = np.asarray(q.dequantize(jnp.float32), np.float64)
+    ref = np.asarray(x, np.float64) @ w
+    out = np.asarray(jax.jit(cpu_kernels.quantized_matmul)(x, q))
+    bound = np.abs(np.asarray(x, np.float64)) @ np.abs(w)
+    np.testing.assert_array_less(np.abs(out - ref), QUANT_RTOL * bound)
+
+
 def test_quantized_matmul_rejects_what_it_cannot_read():
     from jaxllm.models import llama
     from jaxllm.quant import QuantizedArray, quantize_int8

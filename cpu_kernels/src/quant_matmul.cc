@@ -13,10 +13,12 @@
 //
 // Per group, per output column:  y += scale * sum_k x_k q_k + offset * sum_k x_k,
 // so the inner loop is one widen + convert + FMA per code and the scale / offset cost
-// two FMAs per column per group.  Runs of 64-256 columns are the parallel items (each
-// read from memory once, for all rows); inside an item the K rows go in chunks (a group,
-// or 16-64 rows of int8's one per-channel group) outermost, so a chunk's rows stay in L1
-// while every row tile reads them and the next chunk is prefetched meanwhile.
+// two FMAs per column per group.  Two traversals, by width (measured: docs/cpu_kernels.md):
+//   N <= 1024: runs of 64-256 columns are the parallel items (each read from memory once,
+//     for all rows); inside an item the K rows go in chunks (a group, or 16-64 rows of
+//     int8's one per-channel group) outermost, so a chunk's rows stay in L1 while every
+//     row tile reads them and the next chunk is prefetched meanwhile;
+//   N > 1024: split by K (RunKSplit, below): each item streams whole storage rows.
 
 #include <vector>
 
@@ -31,6 +33,8 @@ namespace jaxllm {
 namespace {
 
 constexpr int64_t kBlock = 64;  // columns per item: one cache line of int8 / packed int4
+constexpr int64_t kPass = 8;    // split by K: storage rows per pass (sequential streams)
+constexpr int64_t kAhead = 256; // split by K: prefetch distance along each row, bytes
 
 enum Packing : int64_t { kNone = 0, kInterleaved = 1, kGguf32 = 2 };
 
@@ -141,19 +145,19 @@ inline __m256 Load8S<ScaleF16>(const uint16_t* p) {
 template <>
 inline __m256 Load8S<ScaleBF16>(const uint16_t* p) { return load8<uint16_t>(p); }
 
-// One chunk of rows for output rows [r0, r0+MR) and columns [n0, n0+8*NV):
-// MR*NV accumulators (independent FMA chains), each code widened once for all MR rows.
-template <int BITS, typename S, bool OFF, int MR, int NV>
-static inline void ChunkTile(const QParams& p, int64_t c, int64_t r0, int64_t n0) {
-  __m256 acc[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
-  const int64_t rbeg = c * p.chunk_rows, rend = rbeg + p.chunk_rows;
-  const float* x = p.x + r0 * p.K;
+// acc[m][v] += sum over storage rows [r0, r1) of x[m0 + m] * code, columns [n0, n0 + 8 NV).
+// Each code is widened once for all MR rows.  AHEAD: also prefetch each row kAhead bytes
+// ahead (the split-by-K streams).
+template <int BITS, int MR, int NV, bool AHEAD>
+static inline void RowsTile(const QParams& p, int64_t m0, int64_t r0, int64_t r1, int64_t n0,
+                            __m256 (&acc)[MR][NV]) {
+  const float* x = p.x + m0 * p.K;
+  const bool lead = AHEAD && n0 % 64 == 0;  // one prefetch per cache line of each row
   if (BITS == 8) {
     const int8_t* w = static_cast<const int8_t*>(p.values) + n0;
-    for (int64_t r = rbeg; r < rend; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const int8_t* wr = w + r * p.N;
+      if (lead) __builtin_prefetch(wr + kAhead);
       __m256 wv[NV];
       for (int v = 0; v < NV; ++v) wv[v] = load8<int8_t>(wr + 8 * v);
       for (int m = 0; m < MR; ++m) {
@@ -164,16 +168,21 @@ static inline void ChunkTile(const QParams& p, int64_t c, int64_t r0, int64_t n0
   } else {
     const uint8_t* w = static_cast<const uint8_t*>(p.values) + n0;
     const __m256i low4 = _mm256_set1_epi32(0xF);
-    for (int64_t r = rbeg; r < rend; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* wr = w + r * p.N;
+      if (lead) __builtin_prefetch(wr + kAhead);
       __m256 lo[NV], hi[NV];
       for (int v = 0; v < NV; ++v) {  // 8 bytes -> 8 lanes, then split the nibbles
-        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + 8 * v));
-        const __m256i b = _mm256_cvtepu8_epi32(bytes);
+        const __m256i b = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + 8 * v)));
         lo[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
         hi[v] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        if (MR == 1) {  // use the pair at once: 8 accumulators + 16 codes do not fit
+          acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * r), lo[v], acc[0][v]);
+          acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * r + 1), hi[v], acc[0][v]);
+        }
       }
-      for (int m = 0; m < MR; ++m) {
+      for (int m = 0; MR > 1 && m < MR; ++m) {
         const __m256 x0 = _mm256_broadcast_ss(x + m * p.K + 2 * r);
         const __m256 x1 = _mm256_broadcast_ss(x + m * p.K + 2 * r + 1);
         for (int v = 0; v < NV; ++v) {
@@ -183,6 +192,16 @@ static inline void ChunkTile(const QParams& p, int64_t c, int64_t r0, int64_t n0
       }
     }
   }
+}
+
+// One chunk of rows for output rows [r0, r0+MR) and columns [n0, n0+8*NV):
+// MR*NV accumulators (independent FMA chains).
+template <int BITS, typename S, bool OFF, int MR, int NV>
+static inline void ChunkTile(const QParams& p, int64_t c, int64_t r0, int64_t n0) {
+  __m256 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  RowsTile<BITS, MR, NV, false>(p, r0, c * p.chunk_rows, (c + 1) * p.chunk_rows, n0, acc);
   // y += scale * acc (+ offset * sum of x over the chunk)
   const int64_t g = c / p.per_group;
   const auto* sc = static_cast<const typename S::T*>(p.scales) + g * p.N + n0;
@@ -235,10 +254,138 @@ static void ItemSimd(const QParams& p, int64_t n0, int64_t n1) {
     }
   }
 }
+
+// ----------------------------------------------------------------------- split by K
+// The column runs above read each storage row as 64-256-byte pieces N bytes apart (on the
+// LM head, one 4 KB page per row): at one row of x they measured memory-latency bound,
+// 4-8 GB/s (docs/cpu_kernels.md).  Split by K instead, as the float kernel does: each item
+// streams a contiguous run of storage rows -- all N columns -- into its own partial y,
+// summed at the end.  A group's rows go kPass at a time across all columns (kPass
+// sequential streams, each also prefetched kAhead bytes ahead); a group longer than one
+// pass keeps its unscaled sums in `gacc` between passes, and its last pass adds
+// scale * acc + offset * sum(x) to y.  Rows of x go in register tiles as above, each code
+// widened once per tile.
+
+// One pass (storage rows [a, b) of a segment starting at s0 and ending at s1) for rows
+// [m0, m0 + MR) of x and columns [n0, n0 + 8 NV).  xs: sum of x over the segment, per row.
+template <int BITS, typename S, bool OFF, int MR, int NV>
+static inline void PassTile(const QParams& p, int64_t m0, int64_t a, int64_t b, int64_t s0,
+                            int64_t s1, int64_t n0, int64_t g, const float* xs, float* y,
+                            float* gacc) {
+  __m256 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = a == s0 ? _mm256_setzero_ps()
+                          : _mm256_loadu_ps(gacc + (m0 + m) * p.N + n0 + 8 * v);
+  RowsTile<BITS, MR, NV, true>(p, m0, a, b, n0, acc);
+  if (b < s1) {  // more passes to come: keep the unscaled sums
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v)
+        _mm256_storeu_ps(gacc + (m0 + m) * p.N + n0 + 8 * v, acc[m][v]);
+    return;
+  }
+  const auto* sc = static_cast<const typename S::T*>(p.scales) + g * p.N + n0;
+  const auto* of = static_cast<const typename S::T*>(p.offsets) + g * p.N + n0;
+  for (int v = 0; v < NV; ++v) {
+    const __m256 s = Load8S<S>(sc + 8 * v);
+    for (int m = 0; m < MR; ++m) {
+      float* yr = y + (m0 + m) * p.N + n0 + 8 * v;
+      __m256 out = _mm256_fmadd_ps(s, acc[m][v], _mm256_loadu_ps(yr));
+      if (OFF) out = _mm256_fmadd_ps(Load8S<S>(of + 8 * v), _mm256_set1_ps(xs[m0 + m]), out);
+      _mm256_storeu_ps(yr, out);
+    }
+  }
+}
+
+// Storage rows [r0, r1) into the partial y [M, N] (zeroed here); gacc [M, N] scratch.
+template <int BITS, typename S, bool OFF>
+static void KRange(const QParams& p, int64_t r0, int64_t r1, float* y, float* gacc) {
+  constexpr int per_row = BITS == 8 ? 1 : 2;
+  const int64_t n8 = p.N / 8 * 8, n64 = p.N / 64 * 64;
+  std::fill_n(y, p.M * p.N, 0.f);
+  std::vector<float> xs(p.M, 0.f);
+  for (int64_t s0 = r0; s0 < r1;) {  // a segment: the part of one group inside [r0, r1)
+    const int64_t g = s0 / p.group_rows, s1 = std::min(r1, (g + 1) * p.group_rows);
+    if (OFF) {
+      for (int64_t m = 0; m < p.M; ++m) {
+        const float* x = p.x + m * p.K;
+        xs[m] = 0.f;
+        for (int64_t k = per_row * s0; k < per_row * s1; ++k) xs[m] += x[k];
+      }
+    }
+    for (int64_t a = s0; a < s1; a += kPass) {
+      const int64_t b = std::min(s1, a + kPass);
+      for (int64_t n = 0; n < n64; n += 64) {
+        int64_t m = 0;
+        for (; m + 4 <= p.M; m += 4)
+          for (int64_t j = 0; j < 64; j += 16)
+            PassTile<BITS, S, OFF, 4, 2>(p, m, a, b, s0, s1, n + j, g, xs.data(), y, gacc);
+        for (; m + 2 <= p.M; m += 2)
+          for (int64_t j = 0; j < 64; j += 32)
+            PassTile<BITS, S, OFF, 2, 4>(p, m, a, b, s0, s1, n + j, g, xs.data(), y, gacc);
+        if (m < p.M) PassTile<BITS, S, OFF, 1, 8>(p, m, a, b, s0, s1, n, g, xs.data(), y, gacc);
+      }
+      for (int64_t n = n64; n < n8; n += 8)
+        for (int64_t m = 0; m < p.M; ++m)
+          PassTile<BITS, S, OFF, 1, 1>(p, m, a, b, s0, s1, n, g, xs.data(), y, gacc);
+    }
+    const auto* sc = static_cast<const typename S::T*>(p.scales) + g * p.N;
+    const auto* of = static_cast<const typename S::T*>(p.offsets) + g * p.N;
+    for (int64_t m = 0; m < p.M; ++m) {  // columns past the last multiple of 8
+      const float* x = p.x + m * p.K;
+      for (int64_t n = n8; n < p.N; ++n) {
+        float acc = 0.f;
+        for (int64_t r = s0; r < s1; ++r)
+          for (int h = 0; h < per_row; ++h)
+            acc += x[per_row * r + h] * Code<BITS>(p.values, p.N, r, n, h);
+        y[m * p.N + n] += S::At(sc, n) * acc + (OFF ? S::At(of, n) * xs[m] : 0.f);
+      }
+    }
+    s0 = s1;
+  }
+}
+
+// Items are contiguous runs of whole groups (of kPass rows when one group spans K, as
+// int8 per channel does), at most one per thread; a weight under kSplitMin bytes is one
+// item (measured: waking a helper cost more than it saved on the 576 x 576 projection).
+constexpr int64_t kSplitMin = 256 << 10;
+
+// Split by K only on weights wider than this: at N = 576 and 960 the column runs measured
+// as fast or faster (a storage row is 9-15 cache lines, so they stay within a few pages).
+constexpr int64_t kSplitMinN = 1024;
+
+template <int BITS, typename S>
+static void RunKSplit(ffi::ThreadPool& pool, const QParams& p) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t unit = p.groups > 1 ? p.group_rows : kPass;
+  const int64_t units = (p.rows + unit - 1) / unit;
+  const int64_t items = p.rows * p.N < kSplitMin ? 1 : std::clamp<int64_t>(units, 1, threads);
+  const int64_t size = p.M * p.N;
+  std::vector<float> partial(items * size), gacc(items * size);
+  ParallelFor(pool, items, [&](int64_t i) {
+    const int64_t r0 = std::min(p.rows, units * i / items * unit);
+    const int64_t r1 = std::min(p.rows, units * (i + 1) / items * unit);
+    float* y = items == 1 ? p.y : partial.data() + i * size;
+    if (p.offsets) {
+      KRange<BITS, S, true>(p, r0, r1, y, gacc.data() + i * size);
+    } else {
+      KRange<BITS, S, false>(p, r0, r1, y, gacc.data() + i * size);
+    }
+  });
+  if (items == 1) return;
+  for (int64_t j = 0; j < size; ++j) {
+    float s = 0.f;
+    for (int64_t i = 0; i < items; ++i) s += partial[i * size + j];
+    p.y[j] = s;
+  }
+}
 #endif
 
 template <int BITS, typename S>
 static void Run(ffi::ThreadPool& pool, const QParams& p) {
+#ifdef JAXLLM_QMM_SIMD
+  if (p.N > kSplitMinN) return RunKSplit<BITS, S>(pool, p);
+#endif
   const int64_t items = (p.N + p.item_cols - 1) / p.item_cols;
   ParallelFor(pool, items, [&](int64_t i) {
     const int64_t n0 = i * p.item_cols, n1 = std::min(p.N, n0 + p.item_cols);
