@@ -17,6 +17,7 @@ scans, a list of dicts unrolls.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -221,6 +222,25 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
+# GPU decode over quantized weights: the Pallas kernel that dequantizes tiles in registers
+# (pallas_kernels/quant_matmul.py) is opt-in until a GPU session has timed it against XLA's
+# fused dequantize-then-dot (docs/kernels.md, "Pallas quantized matmul (GPU)").
+_PALLAS_QUANT = os.environ.get("JAXLLM_PALLAS_QUANT_MATMUL") == "1"
+
+
+def _pallas_quantized(x: Any, w: Any) -> jax.Array | None:
+    """``x @ w`` through the Pallas kernel when it reads the operands (decode rows, a 2-D
+    weight, one device), the vocab-major LM head ``W^T @ h^T`` as ``(h @ W)^T``; else None."""
+    from pallas_kernels import quant_matmul as pallas_qmm
+
+    if pallas_qmm.applies(math.prod(x.shape[:-1]), w):
+        return pallas_qmm.quantized_matmul(x, w)
+    if (isinstance(x, QuantizedArray) and x.ndim == 2 and w.ndim == 2
+            and pallas_qmm.applies(w.shape[-1], x.T)):
+        return pallas_qmm.quantized_matmul(w.T, x.T).T
+    return None
+
+
 def matmul(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
     """``x @ w`` in ``out_dtype`` (default ``x``'s dtype); ``w`` (or, for the vocab-major
     LM head, ``x``) may be a ``jaxllm.quant.QuantizedArray``.
@@ -240,6 +260,10 @@ def matmul(x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
             and cpu_kernels.matmul_applies(w.shape[-1], x.T)):
         # the vocab-major LM head W^T @ h^T: the kernel's small-M product (h @ W)^T
         return cpu_kernels.quantized_matmul(w.T, x.T).T.astype(out_dtype or x.dtype)
+    if _PALLAS_QUANT and jax.default_backend() == "gpu":
+        y = _pallas_quantized(x, w)
+        if y is not None:
+            return y.astype(out_dtype or x.dtype)
     if isinstance(w, QuantizedArray):  # XLA path: dequantize, then the float dot (fused on GPU)
         w = w.dequantize()
     if isinstance(x, QuantizedArray):  # the vocab-major LM head passes the weight first
