@@ -188,7 +188,6 @@ def matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array
 
 
 # Where the small-M matmul measured faster than XLA:CPU (docs/cpu_kernels.md):
-_MATMUL_MAX_ROWS = 16  # quantized LM head (below): XLA's tiled GEMM wins beyond
 _MATMUL_BF16_MAX_ROWS = 64  # bf16 weights: 1.4-2.9x to 64 rows, ~1.0x at 96-256 (XLA widens w)
 _MATMUL_MAX_N = 8192  # the 49152-wide LM head: our column blocks stride 196 KB rows (slower)
 _MATMUL_F32_ROWS = (1, 16)  # float32 weights (split by K): in the model 1.1x XLA at 1 row, 1.2x
@@ -223,8 +222,8 @@ def matmul_applies(rows: int, w, *, transposed: bool = False) -> bool:
 
 _PACKINGS = {"none": 0, "interleaved": 1, "gguf32": 2}
 # Where the quantized kernel measured faster than XLA's dequantize-then-dot (docs/kernels.md):
-_QUANT_MAX_ROWS = 8  # 1-8 rows: 1.0-7.5x; at 16, XLA's GEMM ties or wins on projections
-_QUANT_WIDE_N = 8192  # ...but not on the 49152-wide LM head: 16 rows still 3-4x faster
+_QUANT_MAX_ROWS = 32  # a model's worth of Q4_1 projections: 1.5x XLA at 32 rows, 0.76x at
+# 64; the Q8_0 LM head 2.7x at 32, 0.65x at 64
 
 
 _QUANTIZED_FIELDS = ("values", "scales", "offsets", "bits", "group_size", "packing",
@@ -265,10 +264,9 @@ def check_quantized(w) -> None:
 
 def quantized_applies(rows: int, w) -> bool:
     """Whether ``x [rows, K] @ w`` (``w`` a ``QuantizedArray``) should take
-    :func:`quantized_matmul`: the row counts where it measured faster (1-8; up to 16 on a
-    wide LM head) and a layout the kernel reads."""
-    wide = w.ndim == 2 and w.shape[-1] > _QUANT_WIDE_N
-    if not (1 <= rows <= _QUANT_MAX_ROWS or (wide and 1 <= rows <= _MATMUL_MAX_ROWS)):
+    :func:`quantized_matmul`: the row counts where it measured faster (1-32) and a layout
+    the kernel reads."""
+    if not 1 <= rows <= _QUANT_MAX_ROWS:
         return False
     try:
         check_quantized(w)
