@@ -8,8 +8,10 @@ over a shuffled page pool; contexts drawn uniformly from a range per row.  Print
 workload, the device, median ms of each, xla/ours (> 1: the kernel is faster) and the
 live K/V bytes streamed per second by the kernel.  Matmul: decode-sized ``x [M, K] @ w``
 over a whole model's projection weights (so that they stream from memory).
-Quant: the same with int8 / int4 / GGUF Q8_0 / Q4_0 / Q4_1 weights against the XLA path
-(dequantize, then the float dot) and the machine's measured memory bandwidth.
+Quant: a GGUF Q4_1 model's worth of weights the same way, then each format (int8 / int4 /
+GGUF Q8_0 / Q4_0 / Q4_1) per shape, against the XLA path (dequantize, then the float dot)
+and the machine's measured memory bandwidth.  Every pass chains its calls (each fed by
+the previous result), as a model's layers are.
 ``--engine``: the paged engine on the default model with the kernels off and on.
 """
 
@@ -42,6 +44,21 @@ def _time_pair(f_ours, f_xla, args, reps: int) -> tuple[float, float]:
             t = time.perf_counter()
             jax.block_until_ready(f(*args))
             acc.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ours), statistics.median(xla)
+
+
+def _time_blocks(f_ours, f_xla, args, reps: int, rounds: int = 3) -> tuple[float, float]:
+    """Like :func:`_time_pair`, alternating blocks of ``reps`` calls rather than single
+    calls: the XLA path over quantized weights allocates and frees a float copy of every
+    weight, which measured to double the kernel's time on the call right after it."""
+    ours, xla = [], []
+    for _ in range(rounds):
+        for f, acc in ((f_ours, ours), (f_xla, xla)):
+            jax.block_until_ready(f(*args))  # the first call after the switch: not timed
+            for _ in range(reps):
+                t = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                acc.append((time.perf_counter() - t) * 1e3)
     return statistics.median(ours), statistics.median(xla)
 
 
@@ -96,6 +113,19 @@ def bench_attention(quick: bool) -> None:
                   f"{live / t_ours / 1e6:9.1f}   (max |diff| {err:.1e})", flush=True)
 
 
+def _chained(matmul):
+    """A jitted pass over a list of weights, one ``matmul(x, w)`` each, each call fed by
+    the previous one's result (as a model's layers are): independent calls would let
+    XLA's thunk executor run several at once, which decode never does."""
+    def run(xs, ws):
+        s = jnp.float32(0)
+        for w in ws:
+            x = xs[w.shape[0]]
+            s = s + matmul(x + (s * 1e-30).astype(x.dtype), w)[0, 0]
+        return s
+    return jax.jit(run)
+
+
 def bench_matmul(quick: bool) -> None:
     """One pass over a model's worth of projection weights (SmolLM2-135M's 30 layers of
     fused q/k/v 576x960, o 576x576, gate/up 576x3072, down 1536x576: 425 MB in float32),
@@ -107,20 +137,15 @@ def bench_matmul(quick: bool) -> None:
     shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * (8 if quick else 30)
     rows = (1, 4) if quick else (1, 2, 4, 8, 16, 32)
 
-    def stream(matmul):
-        def run(xs, ws):  # the sum keeps every product alive
-            return sum(matmul(xs[w.shape[0]], w)[0, 0] for w in ws)
-        return jax.jit(run)
-
     print(f"{'workload':44s} {'ours ms':>8s} {'xla ms':>8s} {'xla/ours':>8s} {'ours GB/s':>9s}")
     for dt in ("float32", "bfloat16"):
         ws = [jnp.asarray(rng.standard_normal(s, np.float32) * 0.05, dt) for s in shapes]
         nbytes = sum(w.size * w.dtype.itemsize for w in ws)
         for m in rows:
             xs = {k: jnp.asarray(rng.standard_normal((m, k)), dt) for k in (576, 1536)}
-            ours = stream(cpu_kernels.matmul).lower(xs, ws).compile()
+            ours = _chained(cpu_kernels.matmul).lower(xs, ws).compile()
             with cpu_kernels.override(False):  # llama.matmul's XLA path, compiled now
-                xla = stream(lambda x, w: llama.matmul(x, w, jnp.float32)).lower(
+                xla = _chained(lambda x, w: llama.matmul(x, w, jnp.float32)).lower(
                     xs, ws).compile()
             t_ours, t_xla = _time_pair(ours, xla, (xs, ws), 5 if quick else 11)
             print(f"{f'{dt} M={m}, {len(ws)} weights ({nbytes / 1e6:.0f} MB)':44s} "
@@ -142,6 +167,32 @@ def _quantized_weights(k: int, n: int, rng) -> dict:
                                    getattr(gguf.GGMLQuantizationType, kind))
         out[kind] = blocks_to_quantized(raw, kind, (n, k))
     return out
+
+
+def bench_quant_stream(quick: bool) -> None:
+    """One pass over a GGUF Q4_1 model's worth of quantized weights -- SmolLM2-135M's 30
+    layers of Q4_1 projections (fused qkv 576x960, o 576x576, gate/up 576x3072, down
+    1536x576) and the Q8_0 tied LM head 576x49152, 96 MB, streamed from memory as in
+    decode -- through the kernel and through the XLA path, interleaved."""
+    from jaxllm.models import llama
+
+    rng = np.random.default_rng(0)
+    shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+    one = {sh: _quantized_weights(*sh, rng)["Q4_1"] for sh in shapes}
+    layers = 8 if quick else 30  # copies: each layer its own buffers, as in a model
+    ws = [jax.tree.map(lambda a: jnp.array(a, copy=True), one[sh])
+          for _ in range(layers) for sh in shapes]
+    ws.append(jax.tree.map(jnp.asarray, _quantized_weights(576, 49152, rng)["Q8_0"]))
+    nbytes = sum(w.nbytes for w in ws)
+    print(f"{'workload':44s} {'ours ms':>8s} {'xla ms':>8s} {'xla/ours':>8s} {'ours GB/s':>9s}")
+    for m in ((1, 4) if quick else (1, 2, 4, 8, 16, 32, 64)):
+        xs = {k: jnp.asarray(rng.standard_normal((m, k)), jnp.float32) for k in (576, 1536)}
+        ours = _chained(cpu_kernels.quantized_matmul).lower(xs, ws).compile()
+        with cpu_kernels.override(False):  # llama.matmul's XLA path, compiled now
+            xla = _chained(lambda x, w: llama.matmul(x, w, jnp.float32)).lower(xs, ws).compile()
+        t_ours, t_xla = _time_blocks(ours, xla, (xs, ws), 3 if quick else 5)
+        print(f"{f'Q4_1 model + Q8_0 head, M={m} ({nbytes / 1e6:.0f} MB)':44s} {t_ours:8.2f} "
+              f"{t_xla:8.2f} {t_xla / t_ours:8.2f} {nbytes / t_ours / 1e6:9.1f}", flush=True)
 
 
 def bench_quant_matmul(quick: bool) -> None:
@@ -265,6 +316,7 @@ def main() -> None:
     if args.only in (None, "matmul") and not args.engine:
         bench_matmul(args.quick)
     if args.only in (None, "quant") and not args.engine:
+        bench_quant_stream(args.quick)
         bench_quant_matmul(args.quick)
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 

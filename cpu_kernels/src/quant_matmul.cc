@@ -258,7 +258,7 @@ static void ItemSimd(const QParams& p, int64_t n0, int64_t n1) {
 // ----------------------------------------------------------------------- split by K
 // The column runs above read each storage row as 64-256-byte pieces N bytes apart (on the
 // LM head, one 4 KB page per row): at one row of x they measured memory-latency bound,
-// 4-8 GB/s (docs/cpu_kernels.md).  Split by K instead, as the float kernel does: each item
+// 4-8 GB/s (docs/kernels.md).  Split by K instead, as the float kernel does: each item
 // streams a contiguous run of storage rows -- all N columns -- into its own partial y,
 // summed at the end.  A group's rows go kPass at a time across all columns (kPass
 // sequential streams, each also prefetched kAhead bytes ahead); a group longer than one
@@ -346,10 +346,7 @@ static void KRange(const QParams& p, int64_t r0, int64_t r1, float* y, float* ga
 }
 
 // Items are contiguous runs of whole groups (of kPass rows when one group spans K, as
-// int8 per channel does), at most one per thread; a weight under kSplitMin bytes is one
-// item (measured: waking a helper cost more than it saved on the 576 x 576 projection).
-constexpr int64_t kSplitMin = 256 << 10;
-
+// int8 per channel does), at most one per thread.
 // Split by K only on weights wider than this: at N = 576 and 960 the column runs measured
 // as fast or faster (a storage row is 9-15 cache lines, so they stay within a few pages).
 constexpr int64_t kSplitMinN = 1024;
@@ -359,7 +356,7 @@ static void RunKSplit(ffi::ThreadPool& pool, const QParams& p) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t unit = p.groups > 1 ? p.group_rows : kPass;
   const int64_t units = (p.rows + unit - 1) / unit;
-  const int64_t items = p.rows * p.N < kSplitMin ? 1 : std::clamp<int64_t>(units, 1, threads);
+  const int64_t items = std::clamp<int64_t>(units, 1, threads);
   const int64_t size = p.M * p.N;
   std::vector<float> partial(items * size), gacc(items * size);
   ParallelFor(pool, items, [&](int64_t i) {
