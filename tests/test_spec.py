@@ -366,6 +366,13 @@ def test_greedy_equals_plain_engine(model, greedy_workload, name, kw):
                 == [[c.text for c in o.outputs] for o in want]), method
         st = next(iter(eng.stats.spec.values()))
         assert st.drafted_tokens > 0, method
+        if method == "ngram":  # what /metrics shows (the oracle replaced the proposer)
+            assert _spec_metrics(eng) == {
+                "vllm:spec_decode_num_drafts_total": st.verifies,
+                "vllm:spec_decode_num_draft_tokens_total": st.drafted_tokens,
+                "vllm:spec_decode_num_accepted_tokens_total": st.accepted_tokens,
+                "jaxllm:spec_decode_num_emitted_tokens_total": st.emitted_tokens,
+                "jaxllm:spec_decode_disabled_steps_total": st.disabled_steps}
         if method == "oracle":
             assert st.mean_accepted_length > 2 and st.accepted_tokens < st.drafted_tokens, st
         if name == "small-pool":
@@ -431,6 +438,20 @@ def test_abort_and_preemption_mid_speculation_lose_nothing(model):
     assert eng.allocator.num_free_blocks == eng.allocator.num_usable_blocks
 
 
+def _spec_metrics(eng) -> dict[str, float]:
+    """The server's /metrics text for ``eng`` (as scraped), its speculative samples."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from jaxllm.engine.async_engine import AsyncLLMEngine
+    from jaxllm.serve.metrics import Metrics
+
+    m = Metrics("m", AsyncLLMEngine(eng).snapshot, in_flight=lambda: 0)
+    text = generate_latest(m.registry).decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if "spec_decode" in s.name and s.labels["method"] == "ngram"}
+
+
 def test_load_aware_switch_off(model):
     texts = _texts(6)
     sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -439,6 +460,7 @@ def test_load_aware_switch_off(model):
     assert _tokens(eng.generate(texts, sp)) == want
     st = eng.stats.spec["ngram"]
     assert st.disabled_steps > 0  # while 4+ sequences decoded
+    assert _spec_metrics(eng)["jaxllm:spec_decode_disabled_steps_total"] == st.disabled_steps
     off = make_engine(model, {**NGRAM, "disable_by_batch_size": 1})
     assert _tokens(off.generate(texts, sp)) == want
     assert off.stats.spec["ngram"].drafted_tokens == 0

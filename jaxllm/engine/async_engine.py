@@ -40,6 +40,9 @@ class EngineSnapshot:
     num_preemptions: int  # since start
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache, since start
     prefix_cache_hits: int  # of those, tokens served from it
+    # speculative decoding counters per method since start (SpecStats.as_dict()); empty
+    # without a speculator
+    spec: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -120,7 +123,8 @@ class AsyncLLMEngine:
             num_pages=alloc.num_usable_blocks, num_free_pages=alloc.num_free_blocks,
             num_preemptions=eng.num_preemptions,
             prefix_cache_queries=alloc.stats.prefix_cache_queries,
-            prefix_cache_hits=alloc.stats.prefix_cache_hits)
+            prefix_cache_hits=alloc.stats.prefix_cache_hits,
+            spec={method: st.as_dict() for method, st in list(eng.stats.spec.items())})
 
     async def abort(self, request_id: str) -> None:
         with self._lock:

@@ -30,6 +30,19 @@ _E2E = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50
 _TOKENS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
 
 
+# (metric, SpecStats field, help): counters, so rates and the acceptance rate
+# (accepted / draft tokens) come from PromQL, as with vLLM's
+_SPEC_COUNTERS = (
+    ("vllm:spec_decode_num_drafts", "verifies", "Sequence-steps that verified a draft."),
+    ("vllm:spec_decode_num_draft_tokens", "drafted_tokens", "Draft tokens verified."),
+    ("vllm:spec_decode_num_accepted_tokens", "accepted_tokens", "Draft tokens accepted."),
+    ("jaxllm:spec_decode_num_emitted_tokens", "emitted_tokens",
+     "Tokens the verifies produced (accepted drafts + the target's own)."),
+    ("jaxllm:spec_decode_disabled_steps", "disabled_steps",
+     "Engine steps the load-aware switch ran without speculation."),
+)
+
+
 class _EngineCollector(Collector):
     """Gauges and counters read from the engine when /metrics is scraped."""
 
@@ -69,6 +82,12 @@ class _EngineCollector(Collector):
         yield gauge("jaxllm:kv_cache_pages", "Usable KV pages in the pool.", s.num_pages)
         yield gauge("jaxllm:server_requests_in_flight",
                     "Sequences admitted by the server and not yet finished.", self._in_flight())
+        if s.spec:  # speculative decoding, per method (vLLM's names, plus a method label)
+            for name, key, doc in _SPEC_COUNTERS:
+                c = CounterMetricFamily(name, doc, labels=["model_name", "method"])
+                for method, st in s.spec.items():
+                    c.add_metric([self._model, method], st[key])
+                yield c
 
 
 class Metrics:
