@@ -487,3 +487,34 @@ def test_quantized_model_same_greedy_tokens_with_kernels_on_and_off(method, monk
         assert len(traced) == n
     jax.clear_caches()
     assert on == off
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 576, 200), (2, 1000, 67), (3, 37, 8), (8, 1536, 131)])
+def test_int8_matmul_is_exact(rows, k, n):
+    """The W8A8 int8 dot equals XLA's int32 dot_general bit for bit: K past the last 32
+    (the scalar tail), N past the last 8 / 4 weight rows, codes at +-127."""
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.integers(-127, 128, (rows, k)), jnp.int8)
+    w = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+    x = x.at[0, :5].set(127).at[0, 5:10].set(-127)
+    w = w.at[:, :5].set(-127).at[:, 5:10].set(-127)
+    ref = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    out = jax.jit(cpu_kernels.int8_matmul)(x, w)
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_w8a8_matmul_takes_the_int8_kernel_with_the_same_result():
+    from jaxllm.quant.w8a8 import matmul, quantize_w8a8
+
+    rng = np.random.default_rng(11)
+    w = quantize_w8a8(rng.standard_normal((96, 40)))
+    emb = quantize_w8a8(rng.standard_normal((50, 96)), rows=True)  # tied embedding [V, D]
+    for rows in (1, 5, 33):
+        x = jnp.asarray(rng.standard_normal((rows, 96)), jnp.float32)
+        for f in (lambda x: matmul(x, w), lambda x: matmul(emb, x.T)):  # projection, LM head
+            jaxpr = str(jax.make_jaxpr(f)(x))
+            assert ("jaxllm_int8_matmul" in jaxpr) == (rows <= 32), rows
+            with cpu_kernels.override(False):
+                ref = jax.jit(f)(x)
+            np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)), np.asarray(ref))

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cpu_kernels
+
 
 @jax.tree_util.register_pytree_node_class
 class W8A8Array:
@@ -140,13 +142,19 @@ def matmul(x: jax.Array, w: Any, out_dtype: Any = None) -> jax.Array:
 def _int8_dot(x2: jax.Array, w: W8A8Array, out_major: bool = False) -> jax.Array:
     """``x2 [M, K]`` times the weight whose rows are the output channels: float32
     ``[M, N]`` (``[N, M]`` with ``out_major``, computed in that order rather than
-    transposed).  On CPU a single row is padded to two: XLA:CPU's int8 dot with one row
-    took ~25x longer than with two (docs/quantization.md)."""
+    transposed).  Decode rows on CPU take the C++ int8 kernel (``cpu_kernels.int8_matmul``:
+    the same int32 sums); otherwise XLA's dot, with a single row padded to two on CPU
+    (XLA:CPU's int8 dot with one row took ~25x longer than with two: docs/quantization.md)."""
     rows = x2.shape[0]
     codes, sx = quantize_activations(x2)
+    ws = jnp.asarray(w.scales, jnp.float32)
+    if cpu_kernels.int8_applies(rows):  # the C++ int8 dot: same int32s, faster (decode)
+        acc = cpu_kernels.int8_matmul(codes, jnp.asarray(w.values))
+        if out_major:
+            return acc.T.astype(jnp.float32) * sx.T * ws[:, None]
+        return acc.astype(jnp.float32) * sx * ws[None, :]
     if rows == 1 and jax.default_backend() == "cpu":
         codes = jnp.concatenate([codes, jnp.zeros_like(codes)])
-    ws = jnp.asarray(w.scales, jnp.float32)
     dims = (((1,), (1,)), ((), ()))
     if out_major:
         acc = jax.lax.dot_general(jnp.asarray(w.values), codes, dims,
