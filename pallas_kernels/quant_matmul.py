@@ -111,12 +111,17 @@ def _kernel(*refs, cfg: _Cfg) -> None:
     out_ref[...] = lax.fori_loop(first, last, body, jnp.zeros((rows, bn), jnp.float32))
 
 
+def _is_quantized(w: Any) -> bool:
+    """``w`` is a ``jaxllm.quant.QuantizedArray``, recognised by its fields: kernels sit
+    below ``jaxllm`` and never import it (as ``cpu_kernels``)."""
+    return all(hasattr(w, f) for f in ("values", "scales", "offsets", "bits", "group_size",
+                                        "packing", "transposed", "stored_shape"))
+
+
 def check_weight(w: Any, k: int | None = None, *, block_k: int = 128) -> None:
     """Raise ValueError naming what :func:`quantized_matmul` cannot read in ``w`` (and a
     contraction size ``k`` of ``x`` that does not match)."""
-    from jaxllm.quant import QuantizedArray
-
-    if not isinstance(w, QuantizedArray):
+    if not _is_quantized(w):
         raise ValueError(f"quantized_matmul needs a QuantizedArray weight, got {type(w).__name__}")
     if w.transposed:
         raise ValueError(f"quantized_matmul needs an untransposed weight [K, N], got a "
@@ -156,13 +161,11 @@ def applies(rows: int, w: Any, *, backend: str | None = None) -> bool:
     with one device (a ``pallas_call`` has no sharding rule: a sharded weight would be
     gathered), at most :data:`MAX_ROWS` rows (decode) and a weight the kernel reads.
     Speed against XLA's fused dequantize-then-dot is not measured yet (no GPU so far)."""
-    from jaxllm.quant import QuantizedArray
-
     if (backend or jax.default_backend()) != "gpu" or not 0 < rows <= MAX_ROWS:
         return False
     if jax.device_count() != 1:
         return False
-    if not isinstance(w, QuantizedArray):
+    if not _is_quantized(w):
         return False
     try:
         check_weight(w)
