@@ -345,12 +345,12 @@ static void KRange(const QParams& p, int64_t r0, int64_t r1, float* y, float* ga
   }
 }
 
-// Items are contiguous runs of whole groups (of kPass rows when one group spans K, as
-// int8 per channel does), at most one per thread.
 // Split by K only on weights wider than this: at N = 576 and 960 the column runs measured
 // as fast or faster (a storage row is 9-15 cache lines, so they stay within a few pages).
 constexpr int64_t kSplitMinN = 1024;
 
+// Items are contiguous runs of whole groups (of kPass rows when one group spans K, as
+// int8 per channel does), at most one per thread; one item writes y directly.
 template <int BITS, typename S>
 static void RunKSplit(ffi::ThreadPool& pool, const QParams& p) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -358,7 +358,7 @@ static void RunKSplit(ffi::ThreadPool& pool, const QParams& p) {
   const int64_t units = (p.rows + unit - 1) / unit;
   const int64_t items = std::clamp<int64_t>(units, 1, threads);
   const int64_t size = p.M * p.N;
-  std::vector<float> partial(items * size), gacc(items * size);
+  std::vector<float> partial(items > 1 ? items * size : 0), gacc(items * size);
   ParallelFor(pool, items, [&](int64_t i) {
     const int64_t r0 = std::min(p.rows, units * i / items * unit);
     const int64_t r1 = std::min(p.rows, units * (i + 1) / items * unit);
