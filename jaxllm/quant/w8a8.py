@@ -145,21 +145,25 @@ def _int8_dot(x2: jax.Array, w: W8A8Array, out_major: bool = False) -> jax.Array
     transposed).  Decode rows on CPU take the C++ int8 kernel (``cpu_kernels.int8_matmul``:
     the same int32 sums); otherwise XLA's dot, with a single row padded to two on CPU
     (XLA:CPU's int8 dot with one row took ~25x longer than with two: docs/quantization.md)."""
-    rows = x2.shape[0]
     codes, sx = quantize_activations(x2)
     ws = jnp.asarray(w.scales, jnp.float32)
-    if cpu_kernels.int8_applies(rows):  # the C++ int8 dot: same int32s, faster (decode)
-        acc = cpu_kernels.int8_matmul(codes, jnp.asarray(w.values))
-        if out_major:
-            return acc.T.astype(jnp.float32) * sx.T * ws[:, None]
-        return acc.astype(jnp.float32) * sx * ws[None, :]
+    acc = _int32_dot(codes, jnp.asarray(w.values), out_major)
+    if out_major:
+        return acc.astype(jnp.float32) * sx.T * ws[:, None]
+    return acc.astype(jnp.float32) * sx * ws[None, :]
+
+
+def _int32_dot(codes: jax.Array, values: jax.Array, out_major: bool) -> jax.Array:
+    """The exact int32 sums ``codes [M, K] . values [N, K]^T`` (``[N, M]`` with
+    ``out_major``): the C++ kernel for decode rows on CPU, else XLA's ``dot_general``."""
+    rows = codes.shape[0]
+    if cpu_kernels.int8_applies(rows):  # same int32s as XLA's, faster (decode)
+        acc = cpu_kernels.int8_matmul(codes, values)
+        return acc.T if out_major else acc
     if rows == 1 and jax.default_backend() == "cpu":
         codes = jnp.concatenate([codes, jnp.zeros_like(codes)])
     dims = (((1,), (1,)), ((), ()))
     if out_major:
-        acc = jax.lax.dot_general(jnp.asarray(w.values), codes, dims,
-                                  preferred_element_type=jnp.int32)[:, :rows]
-        return acc.astype(jnp.float32) * sx.T * ws[:, None]
-    acc = jax.lax.dot_general(codes, jnp.asarray(w.values), dims,
-                              preferred_element_type=jnp.int32)[:rows]
-    return acc.astype(jnp.float32) * sx * ws[None, :]
+        return jax.lax.dot_general(values, codes, dims,
+                                   preferred_element_type=jnp.int32)[:, :rows]
+    return jax.lax.dot_general(codes, values, dims, preferred_element_type=jnp.int32)[:rows]
