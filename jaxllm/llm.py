@@ -65,7 +65,8 @@ class LLM:
             embedding and LM head stay int8), ``"gguf"`` (a GGUF file's Q8_0 / Q4_0 / Q4_1 /
             Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K blocks kept quantized) or a ``jaxllm.quant.QuantConfig``;
             None keeps float weights.  Projections, embedding and LM head are quantized;
-            ``dtype`` stays the compute dtype.  One device only for now.
+            ``dtype`` stays the compute dtype.  On a mesh every shard holds the codes of
+            its own rows and columns (``sharding.rules``).
         **engine_args: the engine's arguments, :class:`jaxllm.engine.EngineConfig`'s fields
             (``page_size``, ``num_pages``, ``max_num_seqs``, ...); an unknown name raises
             TypeError.  The resolved config is ``llm.engine_config``.
@@ -91,7 +92,7 @@ class LLM:
             if static_batching:
                 raise ValueError("speculative_config needs the paged engine "
                                  "(drop static_batching=True)")
-        self.quantization = _check_quantization(quantization, tp * pp * dp)
+        self.quantization = None if quantization is None else QuantConfig.parse(quantization)
         self.attention_impl = resolve_impl(attention_impl)
         if compilation_cache:
             enable_compilation_cache()
@@ -128,17 +129,21 @@ class LLM:
     def _place(self, params, scan_layers: bool, tp: int, pp: int, dp: int,
                microbatches: int | None):
         """``(sharded model or None, params on the device(s))``: a mesh when any degree > 1."""
-        if tp * pp * dp > 1:
-            return sharding.setup(self.config, params, dp=dp, tp=tp, pp=pp,
-                                  microbatches=microbatches)
+        if tp * pp * dp > 1:  # the mesh splits the projections again (sharding.place_params)
+            return sharding.setup(self.config, self._quantize(llama.fuse_projections(params)),
+                                  dp=dp, tp=tp, pp=pp, microbatches=microbatches)
         params = llama.fuse_projections(params if scan_layers else llama.unstack_layers(params))
-        if self.quantization is not None and self.quantization.method != "gguf":
-            # after fusing: per-column scales concatenate
-            params = quantize_params(params, self.quantization, DTYPES[self.dtype],
-                                     calibration=calibration_for(self.config, self.tokenizer,
-                                                                 self.quantization))
         # on CPU the (aligned, read-only) host arrays are used in place: no copy
-        return None, jax.device_put(params, may_alias=True)
+        return None, jax.device_put(self._quantize(params), may_alias=True)
+
+    def _quantize(self, params: dict) -> dict:
+        """``params`` (fused projections: AWQ / GPTQ / W8A8 scale each fused group as one,
+        and per-column scales concatenate) quantized as ``quantization`` says."""
+        if self.quantization is None or self.quantization.method == "gguf":
+            return params
+        return quantize_params(params, self.quantization, DTYPES[self.dtype],
+                               calibration=calibration_for(self.config, self.tokenizer,
+                                                           self.quantization))
 
     @property
     def engine(self) -> LLMEngine | DataParallelEngine:
@@ -320,18 +325,6 @@ class LLM:
             out = _logits_jit(self.params, jnp.asarray(padded), cfg=self.config,
                               impl=self.attention_impl)
         return np.asarray(out[0, :n])
-
-
-def _check_quantization(quantization: "str | QuantConfig | None",
-                        devices: int) -> QuantConfig | None:
-    """The parsed ``quantization`` argument; ValueError before anything loads."""
-    if quantization is None:
-        return None
-    cfg = QuantConfig.parse(quantization)
-    if devices > 1:
-        raise ValueError(f"quantization={quantization!r} runs on one device for now "
-                         f"(tp * pp * dp = {devices}); drop quantization or the mesh")
-    return cfg
 
 
 def calibration_for(config: Any, tokenizer: Any,

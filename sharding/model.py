@@ -97,11 +97,15 @@ class ShardedModel:
         axes = rules.logical_axes(self.cfg)
         return {**axes, "layers": [axes["layers"]] * self.layers_per_stage}
 
-    def param_specs(self) -> dict[str, Any]:
+    def param_specs(self, params: Any = None) -> dict[str, Any]:
+        """PartitionSpecs of the staged layout; parallel to ``params`` when given (a
+        quantized weight gets one spec per stored child: ``rules.leaf_axes``)."""
+        if params is not None:
+            return rules.specs_for(self.plan, self.logical_axes(), params)
         return jax.tree.map(self.plan.spec, self.logical_axes(), is_leaf=rules._is_axes)
 
-    def param_shardings(self) -> dict[str, Any]:
-        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(),
+    def param_shardings(self, params: Any = None) -> dict[str, Any]:
+        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(params),
                             is_leaf=lambda x: isinstance(x, P))
 
     def place(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +171,7 @@ class ShardedModel:
         fn = jax.shard_map(
             functools.partial(self._local_forward, attend=attend, microbatches=m),
             mesh=self.mesh,
-            in_specs=(self.param_specs(), P(DATA, None), jax.tree.map(row_spec, rows), cache_spec),
+            in_specs=(self.param_specs(params), P(DATA, None), jax.tree.map(row_spec, rows), cache_spec),
             out_specs=(P(DATA, None, None), cache_spec),
             check_vma=False)
         return fn(params, tokens, rows, caches)

@@ -21,6 +21,15 @@ Two documented exceptions, both decided in :func:`make_plan`:
   by ``r``.
 * ``vocab_size`` not divisible by ``tp``: embedding and LM head are replicated over
   ``tensor`` (a warning says so) instead of padding the vocabulary.
+
+Quantized weights (``jaxllm.quant.QuantizedArray``, ``W8A8Array``) shard like the float
+weight they stand for: every stored child (codes, scales, offsets) is split on the same
+logical axes (:func:`leaf_axes`), so a shard holds exactly the codes and scales of its
+own rows and columns.  A row-parallel weight split inside one quantization group (e.g.
+int8's single per-channel group) has its groups cut to the shard's length first, each
+scale repeated: the same weight, exactly.  A row-parallel W8A8 weight run per shard takes
+each token's activation scale as the maximum over the shards, as on one device
+(:func:`fit_to_mesh`).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import llama
-from jaxllm.quant import is_quantized
+from jaxllm.quant import QuantizedArray, W8A8Array
 from sharding.mesh import DATA, PIPELINE, TENSOR, mesh_shape
 
 log = logging.getLogger(__name__)
@@ -88,6 +97,27 @@ def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
 
 def _is_axes(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, (QuantizedArray, W8A8Array))
+
+
+def leaf_axes(axes: tuple[str | None, ...], leaf: Any) -> Any:
+    """Logical axes of a parameter's arrays: ``axes`` for a float array; for a quantized
+    weight the same node with each stored child's axes (stored ``[..., N, K]`` when
+    ``transposed``; a child with fewer dims, W8A8's per-row scales, drops the last)."""
+    if not _is_quantized(leaf):
+        return axes
+    stored = axes[:-2] + axes[-2:][::-1] if leaf.transposed else axes
+    return jax.tree.map(lambda child: stored[:len(np.shape(child))], leaf)
+
+
+def specs_for(plan: "Plan", axes: Any, params: Any) -> Any:
+    """PartitionSpecs parallel to ``params`` (quantized leaves as nodes of child specs)."""
+    return jax.tree.map(lambda ax, leaf: jax.tree.map(plan.spec, leaf_axes(ax, leaf),
+                                                      is_leaf=_is_axes),
+                        axes, params, is_leaf=_is_axes)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -155,16 +185,66 @@ def plan_for_mesh(cfg: ModelConfig, mesh: Mesh) -> Plan:
 
 # --------------------------------------------------------------------------- shardings
 
-def param_specs(cfg: ModelConfig, mesh_or_plan: Mesh | Plan) -> dict[str, Any]:
-    """PartitionSpec of every parameter (pytree parallel to ``llama.param_shapes``)."""
+def param_specs(cfg: ModelConfig, mesh_or_plan: Mesh | Plan, params: Any = None) -> dict[str, Any]:
+    """PartitionSpec of every parameter (pytree parallel to ``llama.param_shapes``, or to
+    ``params`` when given: quantized weights get one spec per stored child)."""
     plan = mesh_or_plan if isinstance(mesh_or_plan, Plan) else plan_for_mesh(cfg, mesh_or_plan)
+    if params is not None:
+        return specs_for(plan, logical_axes(cfg), params)
     return jax.tree.map(plan.spec, logical_axes(cfg), is_leaf=_is_axes)
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """NamedSharding of every parameter on ``mesh``."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh),
+def param_shardings(cfg: ModelConfig, mesh: Mesh, params: Any = None) -> dict[str, Any]:
+    """NamedSharding of every parameter on ``mesh`` (parallel to ``params`` when given)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, params),
                         is_leaf=lambda x: isinstance(x, P))
+
+
+def _mesh_split(plan: Plan, axis: str | None) -> int:
+    """How many ways the mesh splits a dimension with logical name ``axis``."""
+    mapped = plan.rules.get(axis) if axis is not None else None
+    names = () if mapped is None else (mapped,) if isinstance(mapped, str) else mapped
+    size = {DATA: plan.dp, PIPELINE: plan.pp, TENSOR: plan.tp}
+    return math.prod(size[n] for n in names)
+
+
+def fit_to_mesh(name: str, leaf: Any, axes: tuple[str | None, ...], plan: Plan,
+                per_shard: bool = True) -> Any:
+    """``leaf`` ready to be split on ``plan`` when the mesh splits its contraction axis
+    (row-parallel projections).  A ``QuantizedArray`` split into pieces shorter than a
+    group gets groups of one piece (scales and offsets repeated: the same weight); a
+    ``W8A8Array`` run per shard (``per_shard``: inside ``shard_map``; under GSPMD the
+    global view needs nothing) learns the mesh axis its activation scales reduce over.
+    ValueError, naming the weight, when a piece is not a whole number of groups or cuts a
+    packed byte / GGUF block."""
+    if isinstance(leaf, W8A8Array):  # stored [.., N, K] or an embedding [V, D]: K is last
+        stored = axes[:-2] + axes[-2:][::-1] if leaf.transposed else axes
+        split = _mesh_split(plan, stored[-1])
+        return (leaf._replace(act_axis=plan.rules[stored[-1]]) if split > 1 and per_shard
+                else leaf)
+    if not isinstance(leaf, QuantizedArray):
+        return leaf
+    stored = axes[:-2] + axes[-2:][::-1] if leaf.transposed else axes
+    split = _mesh_split(plan, stored[-2])
+    k = leaf.stored_shape[-2]
+    if split == 1:
+        return leaf
+    piece, g = k // split, leaf.group_size
+    block = {"none": 1, "interleaved": 2, "gguf32": 32}[leaf.packing]
+    if k % split or piece % block or (piece % g and g % piece):
+        raise ValueError(
+            f"quantized weight {name!r} cannot be split {split} ways along its input "
+            f"dimension {k} (logical axis {stored[-2]!r}): pieces of {k / split:g} weights "
+            f"do not hold whole groups of {g}" + (f" / {leaf.packing} blocks of {block}"
+                                                  if block > 1 else "")
+            + "; use fewer tensor shards or another group size")
+    if piece % g == 0:
+        return leaf
+    r = g // piece  # each group becomes r groups of one piece, with the group's scale
+    rep = lambda a: None if a is None else np.repeat(np.asarray(a), r, axis=-2)  # noqa: E731
+    return QuantizedArray(leaf.values, rep(leaf.scales), rep(leaf.offsets), bits=leaf.bits,
+                          group_size=piece, packing=leaf.packing, dtype=leaf.dtype,
+                          transposed=leaf.transposed)
 
 
 def global_param_shapes(plan: Plan) -> dict[str, Any]:
@@ -212,11 +292,15 @@ class _StageRows:
 
 def place_params(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,
                  plan: Plan | None = None, layout: str = "stacked") -> dict[str, Any]:
-    """Host params (numpy or jax, stacked or per-layer list) -> global arrays on ``mesh``.
+    """Host params (numpy or jax, stacked or per-layer list, separate or fused
+    projections, float or quantized) -> global arrays on ``mesh``.
 
     Each device's shard is cut from the host array by ``jax.make_array_from_callback``
     (one callback per addressable shard): no full copy is ever made on one device, and
-    in a multi-process run every process only materialises its own shards.
+    in a multi-process run every process only materialises its own shards.  Fused
+    projections (``llama.fuse_projections``) are split back first: tensor parallelism
+    cuts each projection by its own heads.  Quantized weights keep their codes; each
+    stored child is split like the weight (:func:`leaf_axes`, :func:`fit_to_mesh`).
 
     ``layout="stacked"``: the canonical pytree of docs/design.md (``layers`` leaves
     ``[L, ...]``, L sharded over ``pipeline``) -- for GSPMD users such as training.
@@ -225,29 +309,34 @@ def place_params(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,
     """
     if layout not in ("stacked", "staged"):
         raise ValueError(f"layout must be 'stacked' or 'staged', got {layout!r}")
-    if any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
-        raise ValueError("params hold quantized weights (jaxllm.quant.QuantizedArray), which run "
-                         "on one device for now: place float weights, or use one device")
     plan = plan or plan_for_mesh(cfg, mesh)
-    params = llama.stack_layers(params)
+    params = llama.stack_layers(llama.unfuse_projections(params, cfg))
     shapes = global_param_shapes(plan)
     axes = logical_axes(cfg)
     want = jax.tree.structure(shapes, is_leaf=lambda x: isinstance(x, tuple) and not _is_axes(x))
-    got = jax.tree.structure(params)
+    got = jax.tree.structure(params, is_leaf=_is_quantized)
     if want != got:
         raise ValueError(f"params do not match the config: expected structure {want}, got {got}")
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if isinstance(x, jax.Array)
                           else x, params)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, ax, leaf: fit_to_mesh(_name(path), leaf, ax, plan, layout == "staged"),
+        axes, params, is_leaf=_is_axes)
 
-    def put(name, ax, shape, host):
-        host_shape = tuple(np.shape(host))
-        exp = tuple(s // plan.kv_repeat if a == "kv_heads" else s for a, s in zip(ax, shape))
-        if host_shape != exp:
-            raise ValueError(f"param {name} has shape {host_shape}, expected {exp}")
-        sharding = NamedSharding(mesh, plan.spec(ax))
+    def put_array(ax: tuple[str | None, ...], host: Any) -> jax.Array:
+        shape = tuple(s * plan.kv_repeat if a == "kv_heads" else s
+                      for a, s in zip(ax, np.shape(host)))
         return jax.make_array_from_callback(
-            tuple(shape), sharding, _host_slicer(host, ax, plan.kv_repeat, cfg.head_dim),
-            dtype=host.dtype)
+            shape, NamedSharding(mesh, plan.spec(ax)),
+            _host_slicer(host, ax, plan.kv_repeat, cfg.head_dim), dtype=host.dtype)
+
+    def put(name: str, ax: tuple[str | None, ...], shape: tuple[int, ...], host: Any) -> Any:
+        exp = tuple(s // plan.kv_repeat if a == "kv_heads" else s for a, s in zip(ax, shape))
+        if tuple(host.shape) != exp:
+            raise ValueError(f"param {name} has shape {tuple(host.shape)}, expected {exp}")
+        if not _is_quantized(host):
+            return put_array(ax, host)
+        return jax.tree.map(put_array, leaf_axes(ax, host), host, is_leaf=_is_axes)
 
     out: dict[str, Any] = {}
     for key in params:
@@ -259,11 +348,19 @@ def place_params(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,
         out["layers"] = {k: put(f"layers.{k}", lax_[k], lshapes[k], layers[k]) for k in layers}
     else:
         per = cfg.num_layers // plan.pp
+
+        def rows(host: Any, i: int) -> Any:  # entry i of the staged layout, per child
+            return jax.tree.map(lambda a: _StageRows(a, i, per, plan.pp), host)
+
         out["layers"] = [
             {k: put(f"layers.{k}[{i}]", lax_[k], (plan.pp,) + tuple(lshapes[k][1:]),
-                    _StageRows(layers[k], i, per, plan.pp)) for k in layers}
+                    rows(layers[k], i)) for k in layers}
             for i in range(per)]
     return out
+
+
+def _name(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def per_device_bytes(tree: Any) -> dict[jax.Device, int]:

@@ -80,16 +80,8 @@ def test_bad_input_names_the_value():
         quantize_params({"embed": _w(8, 64), "layers": [{"w_down": _w(96, 64)}]}, "int4-g64")
     with pytest.raises(ValueError, match="embed_bits"):
         QuantConfig("int8", embed_bits=4)
-    from sharding.rules import place_params
-
-    with pytest.raises(ValueError, match="one device"):
-        place_params(quantize_params({"embed": _w(8, 64), "layers": []}, "int8"), None, None)
     with pytest.raises(ValueError, match="chosen at load"):
         quantize_params({"embed": _w(8, 64), "layers": []}, "gguf")
-    from jaxllm.llm import _check_quantization
-
-    with pytest.raises(ValueError, match="one device"):
-        _check_quantization("int8", 2)
     from jaxllm.weights.gguf_blocks import blocks_to_quantized
 
     with pytest.raises(ValueError, match="Q3_K"):

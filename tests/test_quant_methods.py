@@ -267,10 +267,6 @@ def test_bad_input_names_the_value(cut_model):
     already = quantize_params(params, "int8")
     with pytest.raises(ValueError, match="float weights"):
         quantize_params(already, "w8a8", calibration=cal)
-    from jaxllm.llm import _check_quantization
-
-    with pytest.raises(ValueError, match="one device"):
-        _check_quantization("w8a8", 2)
 
 
 # --------------------------------------------------------------------------- whole model

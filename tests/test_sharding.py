@@ -65,6 +65,33 @@ def test_plan_checks_divisibility_and_repeats_kv_heads():
     assert not make_plan(_variant(vocab_size=100), tp=8).vocab_sharded
 
 
+def test_quantized_row_parallel_weights_fit_the_mesh():
+    """A row-parallel quantized weight split inside a group is regrouped to the shard's
+    length with the same values; a split that cuts a group / GGUF block names the weight;
+    a row-parallel W8A8 weight run per shard learns to reduce its activation scale."""
+    from jaxllm.quant import W8A8Array, quantize_int4, quantize_int8, quantize_w8a8
+    from sharding import make_plan, rules
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 48)).astype(np.float32)  # wo [heads*hd, D]: K = 64
+    ax = ("heads", "embed")
+    for q, tp, group in [(quantize_int8(w), 4, 16), (quantize_int4(w, 32), 4, 16),
+                         (quantize_int4(w, 32), 2, 32)]:
+        fit = rules.fit_to_mesh("wo", q, ax, make_plan(W.CFG, tp=tp))
+        assert fit.group_size == group and fit.scales.shape == (64 // group, 48)
+        np.testing.assert_array_equal(np.asarray(fit.dequantize()), np.asarray(q.dequantize()))
+    gguf = quantize_int4(w, 32)._replace(packing="gguf32")
+    with pytest.raises(ValueError, match=r"'layers.wo' cannot be split 4 ways .* gguf32 "
+                                         r"blocks of 32"):
+        rules.fit_to_mesh("layers.wo", gguf, ax, make_plan(W.CFG, tp=4))
+    assert rules.fit_to_mesh("wq", quantize_int4(w, 32), ("embed", "heads"),
+                             make_plan(W.CFG, tp=8)).group_size == 32  # column-parallel
+    w8 = rules.fit_to_mesh("wo", quantize_w8a8(w), ax, make_plan(W.CFG, tp=2))
+    assert isinstance(w8, W8A8Array) and w8.act_axis == "tensor"
+    assert rules.fit_to_mesh("wo", quantize_w8a8(w), ax, make_plan(W.CFG, tp=2),
+                             per_shard=False).act_axis is None  # GSPMD sees all of K
+
+
 def test_bubble_fraction_and_microbatch_choice():
     from sharding.pipeline import bubble_fraction, choose_microbatches
 
@@ -251,6 +278,54 @@ else:
             for shard in wk.addressable_shards:
                 t = shard.index[2].start // hd  # tensor shard t owns expanded kv head t
                 np.testing.assert_array_equal(np.asarray(shard.data)[0], src[i, :, t // 2])
+
+    QUANT_LAYOUTS = [(1, 1, 4), (2, 2, 2)]
+
+    @pytest.fixture(scope="module")
+    def quantized(host, tokens):
+        """Per method: (params quantized as ``LLM`` does -- fused, then quantized -- and
+        their single-device logits)."""
+        from jaxllm.quant import Calibration, QuantizedArray, quantize_params
+
+        def forward(params, toks):
+            pos = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
+            return llama.forward(params, W.CFG, toks, pos, llama.full_attention_fn(W.CFG))[0]
+
+        fused = llama.fuse_projections(host)
+        out = {m: quantize_params(fused, m, calibration=Calibration(forward, W.CFG, tokens))
+               for m in ("int8", "int4-g32", "w8a8")}
+        # GGUF Q4 blocks' nibble order (the int4 codes re-read: a different, valid weight)
+        out["gguf32"] = jax.tree.map(
+            lambda x: x._replace(packing="gguf32") if getattr(x, "bits", 8) == 4 else x,
+            out["int4-g32"], is_leaf=lambda x: isinstance(x, QuantizedArray))
+        run = jax.jit(llama.logits, static_argnums=1)
+        return {m: (q, np.asarray(run(q, W.CFG, tokens))) for m, q in out.items()}
+
+    @pytest.mark.parametrize("method", ["int8", "int4-g32", "w8a8", "gguf32"])
+    @pytest.mark.parametrize("layout", QUANT_LAYOUTS, ids=_ids(QUANT_LAYOUTS))
+    def test_quantized_weights_sharded_match_single_device(method, layout, quantized, tokens):
+        """Quantized weights placed on the mesh keep their codes (each device holds 1/tp
+        of every projection's codes and scales) and give the single-device quantized
+        logits; W8A8's row-parallel activation scales are reduced over the shards."""
+        from jaxllm.quant import QuantizedArray, W8A8Array
+
+        dp, pp, tp = layout
+        q, want = quantized[method]
+        if method == "gguf32" and tp == 4:  # wo's 64 inputs in pieces of 16: half a block
+            with pytest.raises(ValueError, match="'layers.wo' cannot be split 4 ways"):
+                sharding.setup(W.CFG, q, dp=dp, tp=tp, pp=pp)
+            return
+        model, placed = sharding.setup(W.CFG, q, dp=dp, tp=tp, pp=pp)
+        for name in ("wq", "w_down"):  # column- and row-parallel
+            w = placed["layers"][0][name]
+            assert isinstance(w, (QuantizedArray, W8A8Array))
+            for child in jax.tree.leaves(w):  # codes, scales (, offsets) of the stage
+                per_channel = isinstance(w, W8A8Array) and child.ndim == 2
+                # W8A8's per-output-channel scales of a row-parallel weight: whole per shard
+                split = pp if per_channel and name == "w_down" else tp * pp
+                assert child.addressable_shards[0].data.size * split == child.size, (name, child)
+        got = np.asarray(model.logits(placed, tokens, attn_impl="xla"))
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
     @pytest.mark.parametrize("layout", LAYOUTS, ids=_ids(LAYOUTS))
     def test_logits_match_single_device(layout, host, tokens, ref_logits):
@@ -488,3 +563,20 @@ else:
         assert [list(o.outputs[0].token_ids) for o in llm.generate(W.PROMPTS, W.greedy())] == want
         one = LLM(path, pp=2, tp=2, **kw)
         assert [list(o.outputs[0].token_ids) for o in one.generate(W.PROMPTS, W.greedy())] == want
+
+    def test_llm_api_quantized_on_mesh(tmp_path):
+        """LLM(quantization=, dp=, pp=, tp=): int8 codes split over the mesh (the
+        per-channel groups cut at the row-parallel shards) give the single-device
+        quantized engine's greedy tokens."""
+        from conftest import save_tiny_hf
+        from jaxllm.llm import LLM
+        from jaxllm.quant import QuantizedArray
+
+        path, _ = save_tiny_hf(tmp_path)
+        kw = dict(max_model_len=64, num_pages=40, compilation_cache=False, quantization="int8")
+        want = [list(o.outputs[0].token_ids)
+                for o in LLM(path, **kw).generate(W.PROMPTS, W.greedy())]
+        llm = LLM(path, dp=2, pp=2, tp=2, **kw)
+        w_down = llm.params["layers"][0]["w_down"]
+        assert isinstance(w_down, QuantizedArray) and w_down.group_size == 112 // 2
+        assert [list(o.outputs[0].token_ids) for o in llm.generate(W.PROMPTS, W.greedy())] == want

@@ -36,7 +36,7 @@ __all__ = ["DataParallelEngine", "replica_params"]
 def replica_params(params: Any, model: Any, replica_model: Any) -> Any:
     """Views of ``params`` (placed by ``model`` on the whole mesh) on one replica's
     sub-mesh: every array re-assembled from the shards on the replica's devices."""
-    specs = replica_model.param_specs()
+    specs = replica_model.param_specs(params)
     devices = list(replica_model.mesh.devices.flat)
 
     def view(a: jax.Array, spec) -> jax.Array:

@@ -87,8 +87,9 @@ def stack_layers(params: Params) -> Params:
     layers = params["layers"]
     if isinstance(layers, dict):
         return params
-    xp = np if isinstance(next(iter(layers[0].values())), np.ndarray) else jnp
-    return {**params, "layers": {k: xp.stack([lp[k] for lp in layers]) for k in layers[0]}}
+    xp = np if isinstance(jax.tree.leaves(layers[0])[0], np.ndarray) else jnp
+    return {**params, "layers": {k: jax.tree.map(lambda *xs: xp.stack(xs), *[lp[k] for lp in layers])
+                                 for k in layers[0]}}
 
 
 FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
@@ -116,6 +117,32 @@ def fuse_projections(params: Params) -> Params:
     layers = params["layers"]
     fused = [fuse(lp) for lp in layers] if isinstance(layers, (list, tuple)) else fuse(layers)
     return {**params, "layers": fused}
+
+
+def unfuse_projections(params: Params, cfg: ModelConfig) -> Params:
+    """The inverse of :func:`fuse_projections`: ``wqkv -> wq|wk|wv`` (and ``bqkv``),
+    ``w_gate_up -> w_gate|w_up``, cut on the output axis -- for tensor parallelism, which
+    splits each projection by its own heads / features.  Quantized weights are cut by
+    their ``columns`` (per-output-channel scales go with their columns: exact)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    widths = {"wqkv": (q, kv, kv), "bqkv": (q, kv, kv),
+              "w_gate_up": (cfg.intermediate_size, cfg.intermediate_size)}
+
+    def cut(w: Any, lo: int, hi: int) -> Any:
+        return w.columns(lo, hi) if hasattr(w, "columns") else w[..., lo:hi]
+
+    def unfuse(lp: dict) -> dict:
+        out = dict(lp)
+        for fused, parts in FUSED.items():
+            if fused in out:
+                w, lo = out.pop(fused), 0
+                for part, n in zip(parts, widths[fused]):
+                    out[part], lo = cut(w, lo, lo + n), lo + n
+        return out
+
+    layers = params["layers"]
+    out = [unfuse(lp) for lp in layers] if isinstance(layers, (list, tuple)) else unfuse(layers)
+    return {**params, "layers": out}
 
 
 def _host_concat(arrays: list[np.ndarray]) -> np.ndarray:

@@ -117,6 +117,13 @@ class QuantizedArray:
         """Same codes, dequantizing to ``dtype``."""
         return self._replace(dtype=dtype)
 
+    def columns(self, lo: int, hi: int) -> "QuantizedArray":
+        """Logical columns ``lo:hi`` (the output axis N: every child's last axis)."""
+        if self.transposed:
+            raise ValueError("QuantizedArray.columns: a transposed array's columns cut "
+                             "across its quantization groups")
+        return jax.tree.map(lambda a: a[..., lo:hi], self)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the stored codes, scales and offsets."""

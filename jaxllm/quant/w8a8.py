@@ -33,20 +33,31 @@ class W8A8Array:
     rows = output channels) or ``M`` itself (an embedding ``[V, D]``: rows are tokens, and
     its ``.T`` is the tied LM head with one scale per vocabulary entry).  A leading layer
     axis on both children makes a stack that ``scan`` slices like any stacked weight.
+
+    ``act_axis``: the mesh axis that splits the contraction dimension (a row-parallel
+    projection under tensor parallelism, set by ``sharding.rules``): each token's
+    activation scale is then the maximum over all shards (``pmax``), as on one device.
     """
 
     def __init__(self, values: Any, scales: Any, *, dtype: Any = jnp.float32,
-                 transposed: bool = True) -> None:
+                 transposed: bool = True, act_axis: str | None = None) -> None:
         self.values, self.scales = values, scales
         self.dtype = jnp.dtype(dtype)
         self.transposed = bool(transposed)
+        self.act_axis = act_axis
 
     def tree_flatten(self):
-        return (self.values, self.scales), (self.dtype.name, self.transposed)
+        return (self.values, self.scales), (self.dtype.name, self.transposed, self.act_axis)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, dtype=aux[0], transposed=aux[1])
+        return cls(*children, dtype=aux[0], transposed=aux[1], act_axis=aux[2])
+
+    def _replace(self, **kw: Any) -> "W8A8Array":
+        f = dict(values=self.values, scales=self.scales, dtype=self.dtype,
+                 transposed=self.transposed, act_axis=self.act_axis)
+        f.update(kw)
+        return W8A8Array(f.pop("values"), f.pop("scales"), **f)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,12 +73,18 @@ class W8A8Array:
         """Transpose of a 2-D matrix (metadata only)."""
         if self.ndim != 2:
             raise ValueError(f"W8A8Array.T needs a 2-D array, got shape {self.shape}")
-        return W8A8Array(self.values, self.scales, dtype=self.dtype,
-                         transposed=not self.transposed)
+        return self._replace(transposed=not self.transposed)
 
     def astype(self, dtype: Any) -> "W8A8Array":
         """Same codes, computing in ``dtype``."""
-        return W8A8Array(self.values, self.scales, dtype=dtype, transposed=self.transposed)
+        return self._replace(dtype=dtype)
+
+    def columns(self, lo: int, hi: int) -> "W8A8Array":
+        """Logical columns ``lo:hi``: rows of the stored matrix (with their scales) when
+        ``transposed``, else a slice of every row (the row scales unchanged)."""
+        if self.transposed:
+            return self._replace(values=self.values[..., lo:hi, :], scales=self.scales[..., lo:hi])
+        return self._replace(values=self.values[..., lo:hi])
 
     @property
     def nbytes(self) -> int:
@@ -111,12 +128,15 @@ def quantize_w8a8(w: Any, dtype: Any = jnp.float32, rows: bool = False) -> W8A8A
     return W8A8Array(np.ascontiguousarray(q), scale, dtype=dtype, transposed=not rows)
 
 
-def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize_activations(x: jax.Array, axis: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-row (per-token) symmetric int8 of ``x [M, K]``: ``(codes int8, scale [M, 1])``
     with ``codes = round(x * (127 / max|x_row|))`` (round half to even), ``x ~ codes *
-    scale``.  An all-zero row gets scale 0 and codes 0."""
+    scale``.  An all-zero row gets scale 0 and codes 0.  ``axis``: a mesh axis over which
+    ``x``'s K is split (inside ``shard_map``): the row maximum is taken over all shards."""
     x32 = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    if axis is not None:
+        amax = jax.lax.pmax(amax, axis)
     inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
     codes = jnp.clip(jnp.round(x32 * inv), -127, 127).astype(jnp.int8)
     return codes, amax / 127.0
@@ -145,7 +165,7 @@ def _int8_dot(x2: jax.Array, w: W8A8Array, out_major: bool = False) -> jax.Array
     transposed).  Decode rows on CPU take the C++ int8 kernel (``cpu_kernels.int8_matmul``:
     the same int32 sums); otherwise XLA's dot, with a single row padded to two on CPU
     (XLA:CPU's int8 dot with one row took ~25x longer than with two: docs/quantization.md)."""
-    codes, sx = quantize_activations(x2)
+    codes, sx = quantize_activations(x2, None if out_major else w.act_axis)
     ws = jnp.asarray(w.scales, jnp.float32)
     acc = _int32_dot(codes, jnp.asarray(w.values), out_major)
     if out_major:
