@@ -117,13 +117,17 @@ class ShardedModel:
     def cache_specs(self) -> tuple[P, P]:
         return self.plan.spec(rules.CACHE_K_AXES), self.plan.spec(rules.CACHE_V_AXES)
 
-    def paged_cache_spec(self) -> tuple[P, P]:
+    def paged_cache_spec(self, quantized: bool = False) -> tuple[P, ...]:
         """Specs of a paged pool ``(k_pages, v_pages)`` ``[pages, page, Hkv, D]`` (the
         layout of ``jaxllm.attention.write_kv_pages``): kv heads over ``tensor``, one pool
         per (stage, replica) stacked on the page axis.  Size pools with
-        ``plan.model_cfg.num_kv_heads`` (kv heads may be repeated for tp)."""
+        ``plan.model_cfg.num_kv_heads`` (kv heads may be repeated for tp).  ``quantized``:
+        an int8 pool, with its ``(k_scales, v_scales)`` ``[pages, page, Hkv]`` after."""
         spec = self.plan.spec(("stage_batch", None, "kv_heads", "head_dim"))
-        return spec, spec
+        if not quantized:
+            return spec, spec
+        scales = self.plan.spec(("stage_batch", None, "kv_heads"))
+        return spec, spec, scales, scales
 
     def empty_caches(self, cfg: ModelConfig, batch: int, cache_len: int, dtype: Any):
         """Zeroed KV caches for a padded ``batch``, created sharded (call inside jit)."""
@@ -263,7 +267,8 @@ def paged_forward(model: ShardedModel, params: dict[str, Any], cfg: ModelConfig,
     one engine per data replica on ``data_parallel.replica_meshes``).  ``pools``: one
     ``(k_pages, v_pages)`` per layer *within a stage* (``L/pp`` entries), each
     ``[pp * P, page, Hkv', D]`` with :meth:`ShardedModel.paged_cache_spec` (stage ``s``
-    owns pages ``[s*P, (s+1)*P)``; ``Hkv' = model.plan.model_cfg.num_kv_heads``).
+    owns pages ``[s*P, (s+1)*P)``; ``Hkv' = model.plan.model_cfg.num_kv_heads``), plus
+    the scales ``[pp * P, page, Hkv']`` of an int8 pool.
     ``attend_pages(q, k, v, (k_pages, v_pages), 0) -> (out, (k_pages, v_pages))`` runs
     per shard on its local kv heads and pages; whatever it closes over (block tables, slot
     mapping, lengths) must be replicated.  Returns (hidden ``[1, N, D]``, pools).
@@ -277,5 +282,5 @@ def paged_forward(model: ShardedModel, params: dict[str, Any], cfg: ModelConfig,
 
     caches = [[p] for p in pools]  # one microbatch position: the batch is [1, N]
     hidden, caches = model.forward(params, cfg, tokens, positions, attend, {}, caches,
-                                   cache_spec=model.paged_cache_spec())
+                                   cache_spec=model.paged_cache_spec(len(pools[0]) == 4))
     return hidden, [c[0] for c in caches]

@@ -547,6 +547,25 @@ else:
         assert eng.num_preemptions > 0
         assert got == ref_tokens
 
+    def test_paged_engine_sharded_int8_kv_cache(host):
+        """pp=2 x tp=2 with kv_cache_dtype="int8": each device holds its stage's int8 pages
+        and their per-token scales for its kv heads, and the engine gives the single-device
+        int8-KV engine's greedy tokens (preempting on a small pool)."""
+        from jaxllm.engine.engine import LLMEngine
+
+        kw = dict(max_model_len=32, page_size=4, max_num_batched_tokens=32,
+                  attention_impl="xla", kv_cache_dtype="int8")
+        ref = LLMEngine(jax.tree.map(jnp.asarray, host), W.CFG, eos_token_ids=(),
+                        num_pages=48, **kw)
+        want = [list(o.outputs[0].token_ids) for o in ref.generate(W.PROMPTS, W.greedy())]
+        eng = _engine((1, 2, 2), host, num_pages=12, **kw)
+        k, v, ks, vs = eng.pool.caches[0]
+        assert k.dtype == jnp.int8 and ks.dtype == jnp.float32
+        assert {s.data.shape for s in ks.addressable_shards} == {(12, 4, W.CFG.num_kv_heads // 2)}
+        got = [list(o.outputs[0].token_ids) for o in eng.generate(W.PROMPTS, W.greedy())]
+        assert eng.num_preemptions > 0
+        assert got == want
+
     def test_llm_api_runs_engine_on_mesh(tmp_path):
         """LLM(dp=, pp=, tp=) serves generate() from the paged engine on the mesh: the
         static single-device path's greedy tokens."""

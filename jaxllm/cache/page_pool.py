@@ -211,9 +211,6 @@ class PagePool:
                     f"page), {how}. Raise num_pages / memory_utilization or lower max_model_len.")
         elif num_pages < 2:
             raise ValueError(f"the KV page pool needs at least 2 pages, got {num_pages}")
-        if model is not None and dtype == jnp.int8:
-            raise ValueError("kv_cache_dtype='int8' runs on one device (its scale arrays are "
-                             "not laid out on a mesh yet)")
         if model is not None and stacked:
             raise ValueError("a pool on a mesh follows the model's staged layer layout "
                              "(stacked=False)")
@@ -252,11 +249,10 @@ class PagePool:
             m = self.model
             c = m.plan.model_cfg
             shape = (m.pp * self.capacity, self.page_size, c.num_kv_heads, c.head_dim)
-            specs = m.paged_cache_spec()
-            pair = tuple(jax.ShapeDtypeStruct(shape, dt,
-                                              sharding=jax.sharding.NamedSharding(m.mesh, s))
-                         for s in specs)
-            return [pair for _ in range(m.layers_per_stage)]
+            shapes = [(shape, dt)] * 2 + [(shape[:-1], jnp.float32)] * (2 * self.quantized)
+            layer = tuple(jax.ShapeDtypeStruct(sh, t, sharding=jax.sharding.NamedSharding(m.mesh, s))
+                          for (sh, t), s in zip(shapes, m.paged_cache_spec(self.quantized)))
+            return [layer for _ in range(m.layers_per_stage)]
         lead = (n,) if self.stacked else ()
         arrays = [jax.ShapeDtypeStruct((*lead, *self.page_shape), dt) for _ in range(2)]
         if self.quantized:  # K, V and their scales
