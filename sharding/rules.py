@@ -103,13 +103,18 @@ def _is_quantized(x: Any) -> bool:
     return isinstance(x, (QuantizedArray, W8A8Array))
 
 
+def _stored_axes(axes: tuple[str | None, ...], leaf: Any) -> tuple[str | None, ...]:
+    """Axes of a quantized weight's stored matrix (``[..., N, K]`` when ``transposed``)."""
+    return axes[:-2] + axes[-2:][::-1] if leaf.transposed else axes
+
+
 def leaf_axes(axes: tuple[str | None, ...], leaf: Any) -> Any:
     """Logical axes of a parameter's arrays: ``axes`` for a float array; for a quantized
-    weight the same node with each stored child's axes (stored ``[..., N, K]`` when
-    ``transposed``; a child with fewer dims, W8A8's per-row scales, drops the last)."""
+    weight the same node with each stored child's axes (a child with fewer dims, W8A8's
+    per-row scales, drops the last)."""
     if not _is_quantized(leaf):
         return axes
-    stored = axes[:-2] + axes[-2:][::-1] if leaf.transposed else axes
+    stored = _stored_axes(axes, leaf)
     return jax.tree.map(lambda child: stored[:len(np.shape(child))], leaf)
 
 
@@ -217,14 +222,13 @@ def fit_to_mesh(name: str, leaf: Any, axes: tuple[str | None, ...], plan: Plan,
     global view needs nothing) learns the mesh axis its activation scales reduce over.
     ValueError, naming the weight, when a piece is not a whole number of groups or cuts a
     packed byte / GGUF block."""
+    if not _is_quantized(leaf):
+        return leaf
+    stored = _stored_axes(axes, leaf)
     if isinstance(leaf, W8A8Array):  # stored [.., N, K] or an embedding [V, D]: K is last
-        stored = axes[:-2] + axes[-2:][::-1] if leaf.transposed else axes
         split = _mesh_split(plan, stored[-1])
         return (leaf._replace(act_axis=plan.rules[stored[-1]]) if split > 1 and per_shard
                 else leaf)
-    if not isinstance(leaf, QuantizedArray):
-        return leaf
-    stored = axes[:-2] + axes[-2:][::-1] if leaf.transposed else axes
     split = _mesh_split(plan, stored[-2])
     k = leaf.stored_shape[-2]
     if split == 1:
@@ -242,9 +246,7 @@ def fit_to_mesh(name: str, leaf: Any, axes: tuple[str | None, ...], plan: Plan,
         return leaf
     r = g // piece  # each group becomes r groups of one piece, with the group's scale
     rep = lambda a: None if a is None else np.repeat(np.asarray(a), r, axis=-2)  # noqa: E731
-    return QuantizedArray(leaf.values, rep(leaf.scales), rep(leaf.offsets), bits=leaf.bits,
-                          group_size=piece, packing=leaf.packing, dtype=leaf.dtype,
-                          transposed=leaf.transposed)
+    return leaf._replace(scales=rep(leaf.scales), offsets=rep(leaf.offsets), group_size=piece)
 
 
 def global_param_shapes(plan: Plan) -> dict[str, Any]:
