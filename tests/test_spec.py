@@ -414,6 +414,29 @@ def test_poor_draft_greedy_still_exact_and_kv_consistent(model):
     eng.abort(rid)
 
 
+def test_logprobs_with_speculation_equal_plain(model):
+    """Requests that want log-probs speculate too: each kept draft and the bonus token
+    carry the log-probs plain decoding gives them (same top ids; values within float
+    rounding of a 4-row vs 1-row forward), penalties counted per position."""
+    texts = _texts(6)
+    sps = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=3,
+                          **(dict(repetition_penalty=1.3) if i % 2 else {}))
+           for i in range(len(texts))]
+    want = make_engine(model).generate(texts, sps)
+    eng = use_proposer(make_engine(model, NGRAM), OracleProposer(want, model[1].vocab_size))
+    got = eng.generate(texts, sps)
+    st = next(iter(eng.stats.spec.values()))
+    assert st.mean_accepted_length > 2 and st.accepted_tokens < st.drafted_tokens, st
+    assert _tokens(got) == _tokens(want)
+    for g, w in zip(got, want):
+        g, w = g.outputs[0], w.outputs[0]
+        assert len(g.logprobs) == len(w.logprobs) == len(w.token_ids)
+        for dg, dw in zip(g.logprobs, w.logprobs):
+            assert dg.keys() == dw.keys()
+            np.testing.assert_allclose([dg[t] for t in dw], list(dw.values()), atol=1e-5)
+        np.testing.assert_allclose(g.cumulative_logprob, w.cumulative_logprob, atol=1e-4)
+
+
 def test_abort_and_preemption_mid_speculation_lose_nothing(model):
     """Abort a request right after a verify step and run with a pool that forces
     preemption: the others' outputs equal the plain engine's, every page comes back."""

@@ -274,7 +274,7 @@ class LLMEngine:
         asks = []
         for s in seqs:
             req = self.processor.requests.get(s.request_id)
-            if req is None or not self.processor.can_speculate(req, s.seq_id):
+            if req is None or not self.processor.can_speculate(req):
                 continue
             k = min(spec.max_tokens, req.max_out - s.num_output_tokens - 1)
             hidden = self._hidden.get(s.seq_id)

@@ -171,12 +171,11 @@ class OutputProcessor:
         """Requests running, or finished ones whose outputs the next step returns."""
         return bool(self.requests) or bool(self._finished)
 
-    def can_speculate(self, req: RequestState, seq_id: int) -> bool:
+    def can_speculate(self, req: RequestState) -> bool:
         """Whether a sequence may verify drafts: not beam search (the host picks every
-        token), no log-probs (a verify returns only the kept ids), and not an n > 1
-        request before its first token (that step samples its n first tokens)."""
-        return (req.beam is None and (req.forked or req.num_seqs == 1)
-                and req.rows[req.index.get(seq_id, 0)].logprobs < 0)
+        token), and not an n > 1 request before its first token (that step samples its n
+        first tokens)."""
+        return req.beam is None and (req.forked or req.num_seqs == 1)
 
     def uses_beam_search(self, batch: SchedulerOutput) -> bool:
         return any(self.requests[e.request_id].beam is not None for e in batch.scheduled_seqs)

@@ -337,10 +337,12 @@ class ModelRunner:
         logprobs: list[list[list[tuple]]] | None = [] if lp is not None else None
         for i, ks in enumerate(layout.sample_rows):
             if layout.verify_rows and layout.verify_rows[i] >= 0:  # kept drafts + 1 token
-                v = layout.verify_rows[i]
-                tokens.append([[int(x) for x in res["verify"][v, :res["accepted"][v] + 1]]])
+                v, vl = layout.verify_rows[i], res.get("ver_lp")
+                n = int(res["accepted"][v]) + 1
+                tokens.append([[int(x) for x in res["verify"][v, :n]]])
                 if logprobs is not None:
-                    logprobs.append(None)  # speculation skips requests that want log-probs
+                    logprobs.append([[(float(vl[0][v, j]), vl[1][v, j], vl[2][v, j])
+                                      for j in range(n)]])
                 continue
             ent_t, ent_l = [], []
             for k in ks:

@@ -143,9 +143,12 @@ def _sample_rows(logits, x: StepInputs, spec: StepSpec, step, counts, prompt_mas
 
 
 def _verify(cfg: ModelConfig, logits, x: StepInputs, spec: StepSpec, counts, prompt_mask):
-    """``(tokens [B, K+1], accepted [B])`` of every verify row from ``logits [B*(K+1), V]``
-    at its ``K + 1`` fed rows: min-token suppression and penalties as at position
-    ``step + j`` (the drafts before ``j`` counted as output), then :func:`verify_drafts`."""
+    """``(tokens [B, K+1], accepted [B], log-probs)`` of every verify row from ``logits
+    [B*(K+1), V]`` at its ``K + 1`` fed rows: min-token suppression and penalties as at
+    position ``step + j`` (the drafts before ``j`` counted as output), then
+    :func:`verify_drafts`.  Log-probs (when ``spec.logprobs >= 0``, else None) of each
+    position's token under those logits, as plain decoding computes them: ``(chosen
+    [B, K+1], top ids [B, K+1, k], top log-probs [B, K+1, k])``."""
     b, k1 = x.ver_idx.shape
     vocab = cfg.vocab_size
     row = x.ver_row
@@ -163,8 +166,12 @@ def _verify(cfg: ModelConfig, logits, x: StepInputs, spec: StepSpec, counts, pro
         c = (counts[row][:, None, :] + before).reshape(b * k1, vocab)
         logits = apply_penalties(logits, jax.tree.map(rep, st), c, rep(prompt_mask[row]))
         flags = flags._replace(penalties=False)
-    return verify_drafts(logits.reshape(b, k1, vocab), st, flags, step, x.ver_draft,
-                         x.ver_num, x.ver_probs)
+    tokens, accepted = verify_drafts(logits.reshape(b, k1, vocab), st, flags, step,
+                                     x.ver_draft, x.ver_num, x.ver_probs)
+    if spec.logprobs < 0:
+        return tokens, accepted, None
+    lp = _logprobs(logits, jnp.maximum(tokens, 0).reshape(-1), spec.logprobs)
+    return tokens, accepted, tuple(a.reshape(b, k1, *a.shape[1:]) for a in lp)
 
 
 def _logprobs(logits, tok, k: int):
@@ -216,7 +223,10 @@ def paged_step(params, caches, x: StepInputs, *, cfg: ModelConfig, spec: StepSpe
     tok, lp = _sample_rows(logits[:r], x, spec, x.step, counts, prompt_mask)
     out = {"tokens": tok[None]}
     if spec.num_verify:
-        out["verify"], out["accepted"] = _verify(cfg, logits[r:], x, spec, counts, prompt_mask)
+        out["verify"], out["accepted"], ver_lp = _verify(cfg, logits[r:], x, spec, counts,
+                                                         prompt_mask)
+        if ver_lp is not None:
+            out["ver_lp"] = ver_lp
     if spec.return_hidden:  # the state each emitted token was read from (draft heads)
         out["hidden"] = h[x.logits_idx].astype(jnp.float32)
         if spec.num_verify:
