@@ -120,7 +120,9 @@ class ModelRunner:
         self.num_speculative_tokens = num_speculative_tokens
         if num_speculative_tokens:  # verify rows: up to k + 1 decode rows per sequence
             rows = max_num_seqs * (num_speculative_tokens + 1)
-            self.verify_row_buckets = pow2_buckets(rows)
+            # + one sequence's full verify (k + 1 rows): batch 1 at k = 4 runs 5 rows, not 8
+            self.verify_row_buckets = tuple(sorted(set(pow2_buckets(rows))
+                                                   | {num_speculative_tokens + 1}))
             self.mixed_decode_buckets = (0,) + tuple(x for x in _pow4_buckets(rows) if x > 1)
         self.return_hidden = return_hidden  # hidden states back with the tokens (draft heads)
         self.num_dispatches = 0
