@@ -144,15 +144,19 @@ def test_matmul_matches_xla(rows, k, n, dtype, x_bf16, transposed, seed):
     np.testing.assert_allclose(out, ref, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
 
 
-@pytest.mark.parametrize("rows,dtype", [(1, "float32"), (3, "float32"), (8, "float32"),
-                                        (1, "bfloat16")])
-def test_matmul_split_by_k(rows, dtype):
+@pytest.mark.parametrize("rows,n,dtype", [(1, 200, "float32"), (3, 200, "float32"),
+                                          (8, 200, "float32"), (1, 200, "bfloat16"),
+                                          (5, 203, "float32"), (6, 203, "float32"),
+                                          (1, 203, "bfloat16")])
+def test_matmul_split_by_k(rows, n, dtype):
     """float32 weights (and bf16 at one row) are split by K across threads: K = 1001 gives
     uneven ranges and a partial group of weight rows, N = 200 columns past the last
-    multiple of 64 (bf16: its even / odd column order undone)."""
+    multiple of 64 (bf16: its even / odd column order undone).  float32 rows go in groups
+    of 4 and then a 3-, 2- or 1-row tile (rows 3, 5, 6, 8); N = 203 also ends in an
+    8-column strip and 3 single columns."""
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.standard_normal((rows, 1001)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((1001, 200)), dtype)
+    w = jnp.asarray(rng.standard_normal((1001, n)), dtype)
     ref = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
     out = np.asarray(jax.jit(cpu_kernels.matmul)(x, w))
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

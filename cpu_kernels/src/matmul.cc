@@ -115,55 +115,127 @@ static void Run(ffi::ThreadPool& pool, const MatmulParams& p) {
 // float32 and bf16 weights, split by K: each item streams one contiguous run of weight
 // rows (all N columns) into its own partial y, summed at the end.  Column blocks --
 // 256-byte pieces of rows 2-12 KB apart -- measured 1.4x slower at 4 rows
-// (docs/cpu_kernels.md).  Rows of w go kSub at a time: kSub sequential streams, each
-// 64-column piece of them read from memory for the first row of x and from L1 for the
-// others (8 rather than 4: the engine's bf16 batch-1 decode 1.04x, float32 1.07x on a
-// model pass; each pass loads and stores the partial y once).
+// (docs/cpu_kernels.md).  Rows of w go kSub at a time (a pass): kSub sequential streams,
+// the partial y loaded and stored once per pass (8 rather than 4: the engine's bf16
+// batch-1 decode 1.04x, float32 1.07x on a model pass; on a float32 pass at 1-16 rows 4
+// and 6 measured 2-11% slower, 12 no faster, 16 slower).  A pass goes along the columns
+// in strips, one register tile (KTile) per strip and group of rows of x: the first group
+// reads the pass's weights from memory, the others from L2.  (Doing pieces of 192-768
+// columns for all groups before the next piece, so that the other groups read them from
+// L1, measured no faster.)
 constexpr int64_t kSub = 8;
 
-// 64 weights of one row as 8 float vectors.  bf16: 16 at a time without a shuffle -- the
-// shift gives the even columns, the mask the odd ones -- so the 8 vectors hold columns
-// in the order (0 2 .. 14, 1 3 .. 15, 16 18 ..); RunKSplit puts them back in order.
-static inline void Load64(const float* w, __m256* v) {
-  for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(w + 8 * i);
+// 8 * NV weights of one row as NV float vectors.  bf16 weights come here for one row of x
+// only, in 64-column strips (NV = 8) and, past the last of them, 8-column ones (NV = 1).
+// A 64-column strip widens 16 at a time without a shuffle -- the shift gives the even
+// columns, the mask the odd ones -- so its vectors hold the columns in the order
+// (0 2 .. 14, 1 3 .. 15, 16 18 ..), which RunKSplit puts back; 8-column strips stay in
+// order.
+template <int NV>
+static inline void LoadRow(const float* w, __m256* v) {
+  for (int i = 0; i < NV; ++i) v[i] = _mm256_loadu_ps(w + 8 * i);
 }
-static inline void Load64(const uint16_t* w, __m256* v) {
-  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int i = 0; i < 4; ++i) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * i));
-    v[2 * i] = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
-    v[2 * i + 1] = _mm256_castsi256_ps(_mm256_and_si256(b, hi));
+template <int NV>
+static inline void LoadRow(const uint16_t* w, __m256* v) {
+  static_assert(NV == 1 || NV == 8, "bf16 takes the one-row tiles only");
+  if constexpr (NV == 1) {
+    v[0] = load8(w);
+  } else {
+    const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int i = 0; i < NV / 2; ++i) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * i));
+      v[2 * i] = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+      v[2 * i + 1] = _mm256_castsi256_ps(_mm256_and_si256(b, hi));
+    }
   }
 }
 
+// Makes the weight vectors register values.  Without it GCC folds each weight load into
+// every FMA that uses it, loading each vector once per row of x (in a 4 x 3 tile 12 weight
+// loads and 4 broadcasts per 12 FMAs instead of 3 and 4), and the load ports rather than
+// the FMA pipes set the pace: 10% slower with the weights in cache.  One asm statement
+// for all of them: one per array element made GCC keep the array on the stack.
+template <int NV>
+static inline void Pin(__m256* v) {
+  static_assert(NV <= 4, "the wider tiles have one row: nothing to share");
+  if constexpr (NV == 1) asm("" : "+x"(v[0]));
+  if constexpr (NV == 2) asm("" : "+x"(v[0]), "+x"(v[1]));
+  if constexpr (NV == 3) asm("" : "+x"(v[0]), "+x"(v[1]), "+x"(v[2]));
+  if constexpr (NV == 4) asm("" : "+x"(v[0]), "+x"(v[1]), "+x"(v[2]), "+x"(v[3]));
+}
+
+// One pass: kn weight rows at w (row stride N), the rows of x at x (stride K, offset to
+// the pass's first weight row), the partial y at y (stride N).
+template <typename W>
+struct KPass {
+  const W* w;
+  const float* x;
+  float* y;
+  int64_t kn, N, K;
+  KPass Rows(int64_t m) const { return {w, x + m * K, y + m * N, kn, N, K}; }  // from row m
+};
+
+// y[0:MR, n:n+8*NV] += x[0:MR, 0:kn] @ w[0:kn, n:n+8*NV], MR * NV accumulators in
+// registers: each weight vector is loaded once for MR FMAs, each x value broadcast once
+// for NV.
+template <typename W, int MR, int NV>
+static inline __attribute__((always_inline)) void KTile(const KPass<W>& s, int64_t n) {
+  __m256 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_loadu_ps(s.y + m * s.N + n + 8 * v);
+  for (int64_t j = 0; j < s.kn; ++j) {
+    __m256 wv[NV];
+    LoadRow<NV>(s.w + j * s.N + n, wv);
+    if constexpr (MR > 1) Pin<NV>(wv);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xb = _mm256_set1_ps(s.x[m * s.K + j]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(xb, wv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(s.y + m * s.N + n + 8 * v, acc[m][v]);
+}
+
+// One pass for MR rows of x: strips of 8 * NV columns, then of 8, then single columns.
+template <typename W, int MR, int NV>
+static void KRows(const KPass<W>& s) {
+  int64_t n = 0;
+  for (; n + 8 * NV <= s.N; n += 8 * NV) KTile<W, MR, NV>(s, n);
+  for (; n + 8 <= s.N; n += 8) KTile<W, MR, 1>(s, n);
+  for (; n < s.N; ++n) {
+    for (int m = 0; m < MR; ++m) {
+      float acc = s.y[m * s.N + n];
+      for (int64_t j = 0; j < s.kn; ++j) acc += s.x[m * s.K + j] * load<W>(s.w + j * s.N, n);
+      s.y[m * s.N + n] = acc;
+    }
+  }
+}
+
+// Rows [k0, k1) of w into the partial y [M, N].  float32: rows of x in groups of 4 with
+// 4 x 24-column tiles -- 12 accumulator chains: with an FMA latency of 5 cycles and two
+// FMA pipes, the 8 chains of a 4 x 16 tile leave a fifth of the FMA slots empty (with the
+// weights in cache it took 1.2-1.3x as long at 8-16 rows) -- and the 1-3 rows left over
+// in 3 x 24, 2 x 32 or 1 x 64 tiles (5 x 16 and 6 x 16 tiles for 5 and 6 rows measured
+// 7-8% slower).  One row of x (and bf16, which comes here for one row only): 1 x 64
+// tiles, each weight vector used by one FMA.
 template <typename W>
 static void KRange(const MatmulParams& p, int64_t k0, int64_t k1, float* y) {
-  const W* w = static_cast<const W*>(p.w);
   std::fill_n(y, p.M * p.N, 0.f);
-  const int64_t nfull = p.N / 64 * 64;
   for (int64_t k = k0; k < k1; k += kSub) {
-    const int64_t kn = std::min(kSub, k1 - k);
-    for (int64_t n = 0; n < nfull; n += 64) {
-      for (int64_t m = 0; m < p.M; ++m) {
-        float* yr = y + m * p.N + n;
-        const float* x = p.x + m * p.K + k;
-        __m256 acc[8], wv[8];
-        for (int v = 0; v < 8; ++v) acc[v] = _mm256_loadu_ps(yr + 8 * v);
-        for (int64_t j = 0; j < kn; ++j) {
-          Load64(w + (k + j) * p.N + n, wv);
-          const __m256 xb = _mm256_set1_ps(x[j]);
-          for (int v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(xb, wv[v], acc[v]);
-        }
-        for (int v = 0; v < 8; ++v) _mm256_storeu_ps(yr + 8 * v, acc[v]);
+    const KPass<W> s{static_cast<const W*>(p.w) + k * p.N, p.x + k, y,
+                     std::min(kSub, k1 - k), p.N, p.K};
+    int64_t m = 0;
+    if constexpr (std::is_same_v<W, float>) {
+      for (; m + 4 <= p.M; m += 4) KRows<W, 4, 3>(s.Rows(m));
+      if (p.M - m == 3) {
+        KRows<W, 3, 3>(s.Rows(m));
+        m += 3;
+      } else if (p.M - m == 2) {
+        KRows<W, 2, 4>(s.Rows(m));
+        m += 2;
       }
     }
-    for (int64_t m = 0; m < p.M; ++m) {  // columns past the last multiple of 64
-      for (int64_t j = 0; j < kn; ++j) {
-        const float xv = p.x[m * p.K + k + j];
-        const W* wr = w + (k + j) * p.N;
-        for (int64_t n = nfull; n < p.N; ++n) y[m * p.N + n] += xv * load<W>(wr, n);
-      }
-    }
+    for (; m < p.M; ++m) KRows<W, 1, 8>(s.Rows(m));
   }
 }
 
@@ -176,7 +248,7 @@ static void RunKSplit(ffi::ThreadPool& pool, const MatmulParams& p) {
   ParallelFor(pool, items, [&](int64_t i) {
     KRange<W>(p, p.K * i / items, p.K * (i + 1) / items, partial.data() + i * size);
   });
-  // y = the sum of the partials; bf16's full 64-column blocks come back from (even, odd)
+  // y = the sum of the partials; bf16's 64-column strips come back from (even, odd)
   // order: column c of a 16-column group was stored at (c odd ? 8 : 0) + c / 2.
   const int64_t permuted = std::is_same_v<W, float> ? 0 : p.N / 64 * 64;
   for (int64_t m = 0; m < p.M; ++m) {
