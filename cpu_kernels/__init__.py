@@ -191,8 +191,8 @@ def matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array
 # Where the small-M matmul measured faster than XLA:CPU (docs/cpu_kernels.md):
 _MATMUL_BF16_MAX_ROWS = 64  # bf16 weights: 1.4-2.9x to 64 rows, ~1.0x at 96-256 (XLA widens w)
 _MATMUL_MAX_N = 8192  # the 49152-wide LM head: our column blocks stride 196 KB rows (slower)
-_MATMUL_F32_ROWS = (1, 16)  # float32 weights (split by K): in the model 1.1x XLA at 1 row, 1.2x
-# at 16, 0.95x at 32; a 4-row verify step 36 ms vs 56 (isolated calls mislead: docs/cpu_kernels.md)
+_MATMUL_F32_ROWS = (1, 32)  # float32 weights (split by K, register tiles over rows): a model
+# pass 1.4x XLA at 32 rows, 0.87x at 64; engine batch 32 1.2-1.3x (docs/cpu_kernels.md)
 _MATMUL_NT_MAX_ROWS = 64  # bf16 [N, K] weights (tied LM head): XLA transposes w per call (1.3-8x)
 _MATMUL_NT_F32_ROWS = (2, 16)  # float32: 1 row ties XLA's dot, 32 rows lose
 
