@@ -293,9 +293,10 @@ constexpr int64_t kRowBlock = 1024;  // weight rows per item (64: bf16 3-10% slo
 
 #ifdef JAXLLM_AVX2
 // y[m0:m0+MR, n0:n0+NR] from NR weight rows and MR rows of x.  `ahead`: the next tile's
-// rows (or nullptr), prefetched a few lines per step of the K loop -- for bf16 at one
-// row, whose NR short row streams otherwise leave the memory bus idle between tiles (the
-// 49152 x 576 LM head 3.5 -> 2.7 ms on two threads; float32 measured 10% slower with it).
+// rows (or nullptr), prefetched a few lines per step of the K loop: the NR short row
+// streams otherwise leave the memory bus idle between tiles (the 49152 x 576 LM head on
+// two threads: bf16 one row 3.5 -> 2.7 ms, 4 rows 5.9 -> 3.5; float32 4 rows 7.2 -> 6.9,
+// but one row 10% slower, so float32 at one row goes without).
 template <typename W, int MR, int NR>
 static inline void TileNT(const MatmulParams& p, int64_t m0, int64_t n0,
                           const W* ahead = nullptr) {
@@ -356,10 +357,11 @@ static void RunNT(ffi::ThreadPool& pool, const MatmulParams& p) {
         TileNT<W, 1, 8>(p, 0, n, ahead ? w + (n + 8) * p.K : nullptr);
       }
     }
-    for (; n + 4 <= n1; n += 4) {
+    for (; n + 4 <= n1; n += 4) {  // the first row pair's tile prefetches the next rows
+      const W* ahead = n + 8 <= p.N ? static_cast<const W*>(p.w) + (n + 4) * p.K : nullptr;
       int64_t m = 0;
-      for (; m + 2 <= p.M; m += 2) TileNT<W, 2, 4>(p, m, n);
-      if (m < p.M) TileNT<W, 1, 4>(p, m, n);
+      for (; m + 2 <= p.M; m += 2) TileNT<W, 2, 4>(p, m, n, m == 0 ? ahead : nullptr);
+      if (m < p.M) TileNT<W, 1, 4>(p, m, n, m == 0 ? ahead : nullptr);
     }
     if (n < n1) RowsNT<W>(p, n, n1);
 #else
