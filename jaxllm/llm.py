@@ -129,19 +129,20 @@ class LLM:
     def _place(self, params, scan_layers: bool, tp: int, pp: int, dp: int,
                microbatches: int | None):
         """``(sharded model or None, params on the device(s))``: a mesh when any degree > 1."""
-        if tp * pp * dp > 1:  # the mesh splits the projections again (sharding.place_params)
-            return sharding.setup(self.config, self._quantize(llama.fuse_projections(params)),
-                                  dp=dp, tp=tp, pp=pp, microbatches=microbatches)
+        if tp * pp * dp > 1:  # place_params splits fused (quantized) projections again
+            return sharding.setup(self.config, self._quantize(params), dp=dp, tp=tp, pp=pp,
+                                  microbatches=microbatches)
         params = llama.fuse_projections(params if scan_layers else llama.unstack_layers(params))
         # on CPU the (aligned, read-only) host arrays are used in place: no copy
         return None, jax.device_put(self._quantize(params), may_alias=True)
 
     def _quantize(self, params: dict) -> dict:
-        """``params`` (fused projections: AWQ / GPTQ / W8A8 scale each fused group as one,
-        and per-column scales concatenate) quantized as ``quantization`` says."""
+        """``params`` quantized as ``quantization`` says, projections fused first (AWQ /
+        GPTQ / W8A8 scale each fused group as one; per-column scales concatenate)."""
         if self.quantization is None or self.quantization.method == "gguf":
             return params
-        return quantize_params(params, self.quantization, DTYPES[self.dtype],
+        return quantize_params(llama.fuse_projections(params), self.quantization,
+                               DTYPES[self.dtype],
                                calibration=calibration_for(self.config, self.tokenizer,
                                                            self.quantization))
 
