@@ -147,13 +147,16 @@ def test_matmul_matches_xla(rows, k, n, dtype, x_bf16, transposed, seed):
 @pytest.mark.parametrize("rows,n,dtype", [(1, 200, "float32"), (3, 200, "float32"),
                                           (8, 200, "float32"), (1, 200, "bfloat16"),
                                           (5, 203, "float32"), (6, 203, "float32"),
-                                          (1, 203, "bfloat16")])
+                                          (1, 203, "bfloat16"), (2, 203, "bfloat16"),
+                                          (3, 200, "bfloat16"), (5, 203, "bfloat16"),
+                                          (20, 203, "bfloat16")])
 def test_matmul_split_by_k(rows, n, dtype):
-    """float32 weights (and bf16 at one row) are split by K across threads: K = 1001 gives
+    """float32 weights (and bf16 to 16 rows) are split by K across threads: K = 1001 gives
     uneven ranges and a partial group of weight rows, N = 200 columns past the last
-    multiple of 64 (bf16: its even / odd column order undone).  float32 rows go in groups
-    of 4 and then a 3-, 2- or 1-row tile (rows 3, 5, 6, 8); N = 203 also ends in an
-    8-column strip and 3 single columns."""
+    multiple of 64 (bf16 at one row: its even / odd column order undone).  Rows go in
+    groups of 4 and then a 3-, 2- or 1-row tile (rows 2, 3, 5, 6, 8; bf16's leftover row
+    in column order); N = 203 also ends in an 8-column strip and 3 single columns.  bf16
+    at 20 rows takes the column blocks."""
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.standard_normal((rows, 1001)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((1001, n)), dtype)

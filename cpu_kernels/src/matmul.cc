@@ -125,21 +125,20 @@ static void Run(ffi::ThreadPool& pool, const MatmulParams& p) {
 // L1, measured no faster.)
 constexpr int64_t kSub = 8;
 
-// 8 * NV weights of one row as NV float vectors.  bf16 weights come here for one row of x
-// only, in 64-column strips (NV = 8) and, past the last of them, 8-column ones (NV = 1).
-// A 64-column strip widens 16 at a time without a shuffle -- the shift gives the even
+// 8 * NV weights of one row as NV float vectors.  bf16 for one row of x goes in 64-column
+// strips (NV = 8) widened 16 at a time without a shuffle -- the shift gives the even
 // columns, the mask the odd ones -- so its vectors hold the columns in the order
-// (0 2 .. 14, 1 3 .. 15, 16 18 ..), which RunKSplit puts back; 8-column strips stay in
-// order.
+// (0 2 .. 14, 1 3 .. 15, 16 18 ..), which RunKSplit puts back; the narrower strips of
+// the multi-row tiles (NV <= 4) and the 8-column tails stay in order.
 template <int NV>
 static inline void LoadRow(const float* w, __m256* v) {
   for (int i = 0; i < NV; ++i) v[i] = _mm256_loadu_ps(w + 8 * i);
 }
 template <int NV>
 static inline void LoadRow(const uint16_t* w, __m256* v) {
-  static_assert(NV == 1 || NV == 8, "bf16 takes the one-row tiles only");
-  if constexpr (NV == 1) {
-    v[0] = load8(w);
+  static_assert(NV <= 4 || NV == 8, "bf16 strips: 8-64 columns");
+  if constexpr (NV <= 4) {
+    for (int i = 0; i < NV; ++i) v[i] = load8(w + 8 * i);
   } else {
     const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int i = 0; i < NV / 2; ++i) {
@@ -224,7 +223,7 @@ static void KRows(const KPass<W>& s) {
 // FMA pipes, the 8 chains of a 4 x 16 tile leave a fifth of the FMA slots empty (with the
 // weights in cache it took 1.2-1.3x as long at 8-16 rows) -- and the 1-3 rows left over
 // in 3 x 24, 2 x 32 or 1 x 64 tiles (5 x 16 and 6 x 16 tiles for 5 and 6 rows measured
-// 7-8% slower).  One row of x (and bf16, which comes here for one row only): 1 x 64
+// 7-8% slower).  bf16 takes the same tiles, widening in column order.  One row of x: 1 x 64
 // tiles, each weight vector used by one FMA.
 template <typename W>
 static void KRange(const MatmulParams& p, int64_t k0, int64_t k1, float* y) {
@@ -232,18 +231,23 @@ static void KRange(const MatmulParams& p, int64_t k0, int64_t k1, float* y) {
   for (int64_t k = k0; k < k1; k += kSub) {
     const KPass<W> s{static_cast<const W*>(p.w) + k * p.N, p.x + k, y,
                      std::min(kSub, k1 - k), p.N, p.K};
+    if (p.M == 1) {
+      KRows<W, 1, 8>(s);
+      continue;
+    }
     int64_t m = 0;
-    if constexpr (std::is_same_v<W, float>) {
-      for (; m + 4 <= p.M; m += 4) KRows<W, 4, 3>(s.Rows(m));
-      if (p.M - m == 3) {
-        KRows<W, 3, 3>(s.Rows(m));
-        m += 3;
-      } else if (p.M - m == 2) {
-        KRows<W, 2, 4>(s.Rows(m));
-        m += 2;
+    for (; m + 4 <= p.M; m += 4) KRows<W, 4, 3>(s.Rows(m));
+    if (p.M - m == 3) {
+      KRows<W, 3, 3>(s.Rows(m));
+    } else if (p.M - m == 2) {
+      KRows<W, 2, 4>(s.Rows(m));
+    } else if (p.M - m == 1) {  // bf16: in column order, as the tiles above
+      if constexpr (std::is_same_v<W, float>) {
+        KRows<W, 1, 8>(s.Rows(m));
+      } else {
+        KRows<W, 1, 4>(s.Rows(m));
       }
     }
-    for (; m < p.M; ++m) KRows<W, 1, 8>(s.Rows(m));
   }
 }
 
@@ -256,9 +260,9 @@ static void RunKSplit(ffi::ThreadPool& pool, const MatmulParams& p) {
   ParallelFor(pool, items, [&](int64_t i) {
     KRange<W>(p, p.K * i / items, p.K * (i + 1) / items, partial.data() + i * size);
   });
-  // y = the sum of the partials; bf16's 64-column strips come back from (even, odd)
-  // order: column c of a 16-column group was stored at (c odd ? 8 : 0) + c / 2.
-  const int64_t permuted = std::is_same_v<W, float> ? 0 : p.N / 64 * 64;
+  // y = the sum of the partials; bf16's one-row 64-column strips come back from (even,
+  // odd) order: column c of a 16-column group was stored at (c odd ? 8 : 0) + c / 2.
+  const int64_t permuted = std::is_same_v<W, float> || p.M > 1 ? 0 : p.N / 64 * 64;
   for (int64_t m = 0; m < p.M; ++m) {
     for (int64_t n = 0; n < p.N; ++n) {
       const int64_t c = n & 15;
@@ -271,10 +275,13 @@ static void RunKSplit(ffi::ThreadPool& pool, const MatmulParams& p) {
 }
 
 // The traversal for w [K, N] (measured: docs/cpu_kernels.md): split by K for float32 and
-// for one row of bf16; more bf16 rows share the widening in the column-block tiles.
+// for bf16 up to kBf16SplitRows rows (a bf16 model pass at 2 / 4 / 8 / 16 rows 1.55 /
+// 1.28 / 1.17 / 1.05x the column blocks, 0.97x at 32); more bf16 rows share the
+// widening in the column-block tiles.
+constexpr int64_t kBf16SplitRows = 16;
 template <typename W>
 static void RunKN(ffi::ThreadPool& pool, const MatmulParams& p) {
-  if (std::is_same_v<W, float> || p.M == 1) return RunKSplit<W>(pool, p);
+  if (std::is_same_v<W, float> || p.M <= kBf16SplitRows) return RunKSplit<W>(pool, p);
   Run<W>(pool, p);
 }
 #else
