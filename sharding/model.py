@@ -175,7 +175,8 @@ class ShardedModel:
         fn = jax.shard_map(
             functools.partial(self._local_forward, attend=attend, microbatches=m),
             mesh=self.mesh,
-            in_specs=(self.param_specs(params), P(DATA, None), jax.tree.map(row_spec, rows), cache_spec),
+            in_specs=(self.param_specs(params), P(DATA, None), jax.tree.map(row_spec, rows),
+                      cache_spec),
             out_specs=(P(DATA, None, None), cache_spec),
             check_vma=False)
         return fn(params, tokens, rows, caches)

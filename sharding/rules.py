@@ -322,7 +322,8 @@ def place_params(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if isinstance(x, jax.Array)
                           else x, params)
     params = jax.tree_util.tree_map_with_path(
-        lambda path, ax, leaf: fit_to_mesh(_name(path), leaf, ax, plan, layout == "staged"),
+        lambda path, ax, leaf: fit_to_mesh(jax.tree_util.keystr(path, simple=True, separator="."),
+                                           leaf, ax, plan, layout == "staged"),
         axes, params, is_leaf=_is_axes)
 
     def put_array(ax: tuple[str | None, ...], host: Any) -> jax.Array:
@@ -359,10 +360,6 @@ def place_params(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,
                     rows(layers[k], i)) for k in layers}
             for i in range(per)]
     return out
-
-
-def _name(path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def per_device_bytes(tree: Any) -> dict[jax.Device, int]:

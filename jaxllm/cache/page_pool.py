@@ -250,8 +250,10 @@ class PagePool:
             c = m.plan.model_cfg
             shape = (m.pp * self.capacity, self.page_size, c.num_kv_heads, c.head_dim)
             shapes = [(shape, dt)] * 2 + [(shape[:-1], jnp.float32)] * (2 * self.quantized)
-            layer = tuple(jax.ShapeDtypeStruct(sh, t, sharding=jax.sharding.NamedSharding(m.mesh, s))
-                          for (sh, t), s in zip(shapes, m.paged_cache_spec(self.quantized)))
+            specs = m.paged_cache_spec(self.quantized)
+            layer = tuple(
+                jax.ShapeDtypeStruct(sh, t, sharding=jax.sharding.NamedSharding(m.mesh, s))
+                for (sh, t), s in zip(shapes, specs))
             return [layer for _ in range(m.layers_per_stage)]
         lead = (n,) if self.stacked else ()
         arrays = [jax.ShapeDtypeStruct((*lead, *self.page_shape), dt) for _ in range(2)]
