@@ -187,6 +187,47 @@ def test_prompt_lookup_prefers_long_recent_matches():
     assert drafts == []
 
 
+def test_decode_loop_lookup_test_equals_prompt_lookup():
+    """The multi-token decode's on-device stop test: row r could be drafted exactly when
+    :func:`lookup` over its tokens finds an earlier occurrence of its last n tokens."""
+    from jaxllm.engine.step import _ngram_seen
+    rng = np.random.default_rng(0)
+    width = 24
+    for n in (1, 2, 3):
+        lens = rng.integers(0, width + 1, 64)
+        ids = np.where(np.arange(width) < lens[:, None], rng.integers(0, 4, (64, width)), -1)
+        got = np.asarray(_ngram_seen(jnp.asarray(ids, jnp.int32), jnp.asarray(lens, jnp.int32),
+                                     n))
+        want = [bool(lookup(row[:m].tolist(), 1, n, n)) for row, m in zip(ids, lens)]
+        assert got.tolist() == want and 0 < sum(want) < len(want)
+
+
+def test_multi_token_decode_stops_when_a_draft_exists(model):
+    """A decode-only dispatch of a watched sequence ends at the first token after which
+    prompt lookup would draft (never later: the next step verifies instead), and the
+    outputs stay the plain engine's."""
+    texts = _texts(6)
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    want = _tokens(make_engine(model).generate(texts, sp))
+    eng = make_engine(model, NGRAM)
+    runs, execute = [], eng.runner.execute
+
+    def record(out, rows, **kw):
+        res = execute(out, rows, **kw)
+        for rs, toks in zip(rows, res.tokens):
+            if rs and rs[0].lookup_ids:
+                runs.append((list(rs[0].lookup_ids), toks[0], rs[0].max_new))
+        return res
+    eng.runner.execute = record
+    assert _tokens(eng.generate(texts, sp)) == want
+    stopped = 0
+    for hist, toks, allowed in runs:
+        seen = [bool(lookup(hist + toks[:j], 1, 1, 1)) for j in range(1, len(toks) + 1)]
+        assert not any(seen[:-1]), (hist, toks)  # ran past a draftable point
+        stopped += seen[-1] and len(toks) < allowed
+    assert stopped > 0 and len(runs) > stopped
+
+
 def test_adaptive_k_and_backoff():
     cfg = SpeculativeConfig("ngram", 4)
     spec = Speculator(cfg, NgramProposer(1, 2))

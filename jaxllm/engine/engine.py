@@ -133,6 +133,7 @@ class LLMEngine:
         self.stats = EngineStats(kv_pool_slots=self.pool.num_slots)
         self.speculator: Speculator | None = None
         self._hidden: dict[int, Any] = {}  # seq id -> state of its last token (draft heads)
+        self._asked: set[int] = set()  # sequences offered to the proposer this step
         if spec is not None:
             target = TargetModel(params, cfg, config.max_model_len, config.page_size,
                                  resolve_impl(config.attention_impl), self.pool.num_pages,
@@ -156,6 +157,7 @@ class LLMEngine:
             self.stats.spec[speculator.method] = speculator.stats
         self.speculator = speculator
         self.runner.return_hidden = speculator is not None and speculator.needs_hidden
+        self.runner.lookup_n = speculator.lookup_n if speculator is not None else 0
 
     # ------------------------------------------------------------------ requests
 
@@ -260,6 +262,7 @@ class LLMEngine:
         speculator or when the batch is large enough that verifying costs more than it
         saves; a draft never runs past a request's ``max_tokens`` (or the context limit)."""
         spec = self.speculator
+        self._asked = set()
         if spec is None:
             return {}
         gone = [sid for sid in spec.tracked() if (s := self.scheduler.get_seq(sid)) is None
@@ -282,6 +285,7 @@ class LLMEngine:
                 row = req.rows[req.index.get(s.seq_id, 0)]
                 asks.append(DraftRequest(s.seq_id, s.token_ids, k, row.temperature, row.seed,
                                          s.num_output_tokens, hidden))
+        self._asked = {r.seq_id for r in asks}
         return spec.propose(asks)
 
     def _record_verifies(self, batch: SchedulerOutput, result) -> None:
@@ -305,8 +309,22 @@ class LLMEngine:
         # decode-only steps always run the k-token program (one compiled shape per batch
         # bucket); a row's allowance stops it, 1 when no look-ahead was reserved
         plan.num_steps = self.config.num_scheduler_steps
-        plan.rows = [[r._replace(max_new=min(allow, r.max_new)) for r in rs] for rs in plan.rows]
+        watch = self._watched(batch) if allow > 1 else set()
+        plan.rows = [[r._replace(max_new=min(allow, r.max_new),
+                                 lookup_ids=self.scheduler.get_seq(e.seq_id).token_ids
+                                 if e.seq_id in watch else ()) for r in rs]
+                     for e, rs in zip(batch.scheduled_seqs, plan.rows)]
         return plan
+
+    def _watched(self, batch: SchedulerOutput) -> set[int]:
+        """Sequences of a decode-only batch whose multi-token decode should stop once they
+        could be drafted (prompt lookup finds a match): the proposer had nothing for them
+        now but will be asked again next step."""
+        spec = self.speculator
+        if spec is None or not spec.lookup_n:
+            return set()
+        return {e.seq_id for e in batch.scheduled_seqs
+                if e.seq_id in self._asked and spec.will_ask(e.seq_id)}
 
     def _reserve_lookahead(self, batch: SchedulerOutput, rows: list[list[SampleRow]]):
         """``(tokens per row allowed, extra copies, block tables)`` for a decode-only batch:

@@ -15,7 +15,8 @@ computes the verify's causal multi-token query.  Its rows are listed in
 
 Shapes: ``T = D + P`` flat tokens (``D`` decode and verify rows), ``S`` prefill
 sequences, ``R = D + S`` sample rows, ``W = pow2(ceil(max_model_len / page_size))`` block-table width, ``C`` page copies,
-``B`` verify rows, ``K`` draft tokens per verify row, ``V`` the vocabulary.
+``B`` verify rows, ``K`` draft tokens per verify row, ``V`` the vocabulary, ``L`` the
+prompt-lookup history width (the longest sequence a block table holds).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class SampleRow(NamedTuple):
     max_new: int = 1  # tokens it may still produce (bounds multi-step decode)
     output_ids: Sequence[int] = ()  # for penalties
     prompt_ids: Sequence[int] = ()  # for the repetition penalty
+    lookup_ids: Sequence[int] = ()  # the sequence's tokens when the decode loop watches it
+    #                                 for a prompt-lookup match (n-gram speculation)
 
 
 class StepSpec(NamedTuple):
@@ -91,6 +94,9 @@ class StepSpec(NamedTuple):
     num_draft: int = 0  # K: draft tokens per verify row
     draft_probs: bool = False  # the drafts come with their distributions (else point masses)
     return_hidden: bool = False  # return each sample row's final hidden state (draft heads)
+    lookup_n: int = 0  # decode loop: stop once a watched row's last n tokens occurred
+    #                    before in its tokens (an n-gram draft exists); 0: never
+    lookup_width: int = 0  # L: token columns of ``lookup_ids``
 
     @property
     def decode_only(self) -> bool:
@@ -136,6 +142,8 @@ class StepInputs:
     ver_draft: np.ndarray | None = None  # [B, K] int32 its draft tokens (-1: padding)
     ver_num: np.ndarray | None = None  # [B] int32 how many (0: padding row)
     ver_probs: np.ndarray | None = None  # [B, K, V] float32 draft distributions (draft_probs)
+    lookup_ids: np.ndarray | None = None  # [D, L] int32 a watched decode row's tokens
+    lookup_lens: np.ndarray | None = None  # [D] int32 how many (0: not watched)
 
 
 class TokenLayout(NamedTuple):
@@ -174,6 +182,8 @@ def pack_inputs(spec: StepSpec, out: SchedulerOutput, rows: list[list[SampleRow]
         inputs.next_ids = _pack_next_ids(spec, out, prompt_lp, prompt_next_ids)
     if spec.num_verify:
         layout = _pack_verify(spec, out, inputs, layout, draft_probs, vocab_size)
+    if spec.lookup_n:
+        inputs.lookup_ids, inputs.lookup_lens = _pack_lookup(spec, flat)
     return inputs, layout
 
 
@@ -289,6 +299,16 @@ def _pack_penalties(spec: StepSpec, flat: list[tuple[int, SampleRow]],
             out_ids[k, :len(r.output_ids)] = r.output_ids
             prompt_ids[k, :len(r.prompt_ids)] = r.prompt_ids
     return out_ids, prompt_ids
+
+
+def _pack_lookup(spec: StepSpec, flat: list[tuple[int, SampleRow]]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((spec.num_decodes, spec.lookup_width), -1, np.int32)
+    lens = np.zeros(spec.num_decodes, np.int32)
+    for k, r in flat:  # a decode's sample row is its flat row
+        n = len(r.lookup_ids)
+        ids[k, :n], lens[k] = r.lookup_ids, n
+    return ids, lens
 
 
 def _pack_copies(width: int, copies: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -125,6 +125,10 @@ class ModelRunner:
                                                    | {num_speculative_tokens + 1}))
             self.mixed_decode_buckets = (0,) + tuple(x for x in _pow4_buckets(rows) if x > 1)
         self.return_hidden = return_hidden  # hidden states back with the tokens (draft heads)
+        # n-gram speculation: a multi-token decode stops once a watched row could be drafted
+        # (prompt_lookup_min; 0: off).  One history width, the longest table's tokens, so
+        # watching adds one program per decode bucket, not one per length
+        self.lookup_n = 0
         self.num_dispatches = 0
         self.specs_seen: set[StepSpec] = set()
         # decode programs compiled ahead of time, in a background thread, while the prefill
@@ -203,12 +207,15 @@ class ModelRunner:
                    _pow2(max(16, max(len(r.prompt_ids) for r in flat_rows))))
         copies = 0 if not num_copies else max(4, _pow2(num_copies))
         nv, nk = self._verify_shape(out)
+        steps = num_steps if not p and not nv else 1
+        watch = steps > 1 and self.lookup_n > 0 and any(r.lookup_ids for r in flat_rows)
         return StepSpec(num_decodes=d, num_prefill_tokens=p, num_prefill_seqs=s,
-                        num_steps=num_steps if not p and not nv else 1, flags=flags,
-                        logprobs=lp,
+                        num_steps=steps, flags=flags, logprobs=lp,
                         prompt_logprobs=plp, num_copies=copies, stop_width=stop_w,
                         penalty_lens=pen, num_verify=nv, num_draft=nk,
-                        draft_probs=draft_probs and nv > 0, return_hidden=self.return_hidden)
+                        draft_probs=draft_probs and nv > 0, return_hidden=self.return_hidden,
+                        lookup_n=self.lookup_n if watch else 0,
+                        lookup_width=self.table_width * self.page_size if watch else 0)
 
     def _verify_shape(self, out: SchedulerOutput) -> tuple[int, int]:
         """``(B, K)``: verify rows (bucketed like prefill sequences) and draft width."""

@@ -5,7 +5,9 @@
 head only at the sampled rows and samples on device.  Decode-only steps can run
 ``spec.num_steps`` tokens per dispatch: a ``while_loop`` feeds each sampled token back,
 computes its slot from the block tables and stops rows on EOS / stop ids / their token
-allowance.  The pool is donated; every write updates it in place.
+allowance; with n-gram speculation it also stops as soon as a watched row's latest
+tokens occurred earlier in its sequence (the host can then draft, ``spec.lookup_n``).
+The pool is donated; every write updates it in place.
 
 Attention runs in two calls per layer: ``paged_decode_attention`` over the decode rows
 (sorted by context length, so the XLA path can attend them in 1/2/4 groups, each paying
@@ -14,10 +16,11 @@ ragged call over a whole mixed batch costs more: docs/engine.md).
 
 Speculative decoding: a verify's token and drafts are ``K + 1`` decode rows (token ``j``
 attends the sequence's pages up to its own position, written in the same step); the LM
-head scores every fed row of every verify (``x.ver_idx``) in the same call as the
-sampled rows, the same suppression and penalties as plain sampling apply (the counts of
-each position include the drafts before it) and :func:`jaxllm.spec.rejection.
-verify_drafts` keeps the accepted prefix plus one target token.  Only those ids return.
+head runs once over the step's decode rows (a verify's fed rows are among them) and its
+prefill sample rows, and each verify gathers the logits of its rows (``x.ver_idx``).
+The same suppression and penalties as plain sampling apply (the counts of each position
+include the drafts before it) and :func:`jaxllm.spec.rejection.verify_drafts` keeps the
+accepted prefix plus one target token.  Only those ids return.
 """
 
 from __future__ import annotations
@@ -215,15 +218,20 @@ def paged_step(params, caches, x: StepInputs, *, cfg: ModelConfig, spec: StepSpe
     hidden, caches = _forward(params, cfg, x.input_ids[None], x.positions[None], caches,
                               attend, model)
     h = hidden[0]
-    idx = x.logits_idx
-    if spec.num_verify:  # one LM head over the sampled and the verified rows: one weight read
-        idx = jnp.concatenate([idx, x.ver_idx.reshape(-1)])
-    logits = lm_head(params, cfg, h[idx])
-    r = x.logits_idx.shape[0]
-    tok, lp = _sample_rows(logits[:r], x, spec, x.step, counts, prompt_mask)
+    if spec.num_verify:
+        # one LM head over every decode row (a verify's fed rows and the plain decodes are
+        # all among them) and the prefill sample rows: R rows, one weight read; the sample
+        # and verify rows gather their logits from it
+        d = spec.num_decodes
+        logits = lm_head(params, cfg, h[jnp.concatenate([jnp.arange(d), x.logits_idx[d:]])])
+        ver_logits = logits[x.ver_idx.reshape(-1)]
+        logits = jnp.concatenate([logits[x.logits_idx[:d]], logits[d:]])
+    else:
+        logits = lm_head(params, cfg, h[x.logits_idx])
+    tok, lp = _sample_rows(logits, x, spec, x.step, counts, prompt_mask)
     out = {"tokens": tok[None]}
     if spec.num_verify:
-        out["verify"], out["accepted"], ver_lp = _verify(cfg, logits[r:], x, spec, counts,
+        out["verify"], out["accepted"], ver_lp = _verify(cfg, ver_logits, x, spec, counts,
                                                          prompt_mask)
         if ver_lp is not None:
             out["ver_lp"] = ver_lp
@@ -254,6 +262,19 @@ class DecodeCarry(NamedTuple):
     counts: jax.Array | None  # [D, V] int32 output-token counts (penalties only)
     i: jax.Array  # [] int32 tokens produced so far in this dispatch
     outs: dict  # "tokens" [n, D] int32 (-1: none), "lp": log-probs per token, "hidden"
+    lookup: tuple | None = None  # (ids [D, L], lens [D], found []) when spec.lookup_n
+
+
+def _ngram_seen(ids, lens, n: int):
+    """``[D]`` bool: row ``r``'s last ``n`` tokens (of ``ids[r, :lens[r]]``) occur at an
+    earlier start too -- :func:`jaxllm.spec.ngram.lookup` at ``n`` would draft."""
+    width = ids.shape[1] - n + 1  # window starts
+    tail = jnp.take_along_axis(ids, jnp.maximum(lens[:, None] - n + jnp.arange(n), 0), axis=1)
+    eq = jnp.ones((ids.shape[0], width), bool)
+    for j in range(n):
+        eq &= ids[:, j:j + width] == tail[:, j:j + 1]
+    earlier = jnp.arange(width)[None, :] < (lens - n)[:, None]  # not the suffix itself
+    return jnp.any(eq & earlier, axis=1)
 
 
 def _decode_loop(params, caches, x: StepInputs, cfg, spec: StepSpec, impl, page_size, model,
@@ -284,8 +305,16 @@ def _decode_loop(params, caches, x: StepInputs, cfg, spec: StepSpec, impl, page_
         counts = c.counts
         if counts is not None:
             counts = counts.at[rows, tok].add(live.astype(counts.dtype))
+        lookup = c.lookup
+        if lookup is not None:  # stop the dispatch once a watched row could be drafted
+            ids, lens, found = lookup
+            grow = live & (lens > 0)
+            ids = ids.at[rows, jnp.where(grow, lens, ids.shape[1])].set(tok, mode="drop")
+            lens = lens + grow
+            found = found | jnp.any(grow & _ngram_seen(ids, lens, spec.lookup_n))
+            lookup = (ids, lens, found)
         return DecodeCarry(caches, jnp.where(live, tok, c.tokens), c.positions + live, done,
-                           c.step + live, counts, c.i + 1, outs)
+                           c.step + live, counts, c.i + 1, outs, lookup)
 
     outs = {"tokens": jnp.full((n, nd), -1, jnp.int32)}
     if spec.return_hidden:
@@ -294,12 +323,18 @@ def _decode_loop(params, caches, x: StepInputs, cfg, spec: StepSpec, impl, page_
         k = spec.logprobs
         outs["lp"] = (jnp.zeros((n, nd), jnp.float32), jnp.zeros((n, nd, k), jnp.int32),
                       jnp.zeros((n, nd, k), jnp.float32))
+    lookup = None
+    if spec.lookup_n:
+        lookup = (x.lookup_ids, x.lookup_lens, jnp.asarray(False))
     carry = DecodeCarry(caches, x.input_ids, x.positions, x.dec_kv_lens == 0, x.step, counts,
-                        jnp.asarray(0, jnp.int32), outs)
+                        jnp.asarray(0, jnp.int32), outs, lookup)
     if n == 1:
         carry = one(carry)
     else:
-        carry = jax.lax.while_loop(lambda c: (c.i < n) & ~jnp.all(c.done), one, carry)
+        def more(c: DecodeCarry):
+            go = (c.i < n) & ~jnp.all(c.done)
+            return go if c.lookup is None else go & ~c.lookup[2]
+        carry = jax.lax.while_loop(more, one, carry)
     return carry.caches, carry.outs
 
 

@@ -81,6 +81,18 @@ class Speculator:
         return bool(getattr(self.proposer, "needs_hidden", False))
 
     @property
+    def lookup_n(self) -> int:
+        """The proposer drafts exactly when a sequence's last ``lookup_n`` tokens occurred
+        earlier in it (prompt lookup); 0: no such rule."""
+        return int(getattr(self.proposer, "lookup_n", 0))
+
+    def will_ask(self, seq_id: int) -> bool:
+        """Whether the next :meth:`propose` offers this sequence to the proposer (it is
+        not backing off after rejected drafts)."""
+        st = self._seqs.get(seq_id)
+        return st is None or st.skip == 0
+
+    @property
     def max_tokens(self) -> int:
         """``num_speculative_tokens``: the widest draft a step verifies."""
         return self.config.num_speculative_tokens

@@ -42,6 +42,7 @@ class NgramProposer:
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
+        self.lookup_n = min_n  # a draft exists iff the last min_n tokens occurred before
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft | None]:
         out: list[Draft | None] = []

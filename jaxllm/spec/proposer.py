@@ -60,7 +60,10 @@ class Proposer(Protocol):
     """What the engine needs from a draft method.  A proposer with a true ``needs_hidden``
     attribute (draft heads) gets ``DraftRequest.hidden``: the target's final hidden
     state (the LM head's input) at the position that produced the sequence's last token;
-    sequences without one yet (a fresh fork) are not offered to it that step."""
+    sequences without one yet (a fresh fork) are not offered to it that step.  A proposer
+    with a ``lookup_n`` attribute (> 0) drafts exactly when a sequence's last
+    ``lookup_n`` tokens occurred earlier in it (prompt lookup): the engine's multi-token
+    decode then stops as soon as that happens, so the next step can verify."""
 
     method: str
 
