@@ -97,16 +97,36 @@ void ChunkGeneric(const Params& p, int64_t h, int64_t tok0, int64_t n, const flo
   }
 }
 
+// The next chunk's K and V rows, prefetched a few cache lines at a time between the
+// current chunk's FMAs: random pages defeat the hardware prefetcher, and a burst of
+// prefetches for a whole chunk stalls the loads the current chunk needs.
+struct Ahead {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t bytes = 0, at = 0, per = 0;  // per: lines of each pool per Issue()
+  inline void Issue() {
+    for (int64_t i = 0; i < per && at < bytes; ++i, at += 64) {
+      __builtin_prefetch(k + at, 0, 2);
+      __builtin_prefetch(v + at, 0, 2);
+    }
+  }
+  inline void Rest() {
+    per = bytes;
+    Issue();
+  }
+};
+
 #ifdef JAXLLM_AVX2
 // acc[g, d0:d0+8*NV] += sum_j s[g, j] * V[j, d0:...] for GB heads at once: GB*NV
 // independent FMA chains per V row (one V load serves all GB heads).
 template <typename KV, int GB, int NV>
 static inline void PvTile(const KV* const* vrows, int64_t n, const float* s, float* acc,
-                          int64_t D, int64_t d0) {
+                          int64_t D, int64_t d0, Ahead* ahead) {
   __m256 a[GB][NV];
   for (int g = 0; g < GB; ++g)
     for (int k = 0; k < NV; ++k) a[g][k] = _mm256_loadu_ps(acc + g * D + d0 + 8 * k);
   for (int64_t j = 0; j < n; ++j) {
+    ahead->Issue();
     __m256 v[NV];
     for (int k = 0; k < NV; ++k) v[k] = load8<KV>(vrows[j] + d0 + 8 * k);
     for (int g = 0; g < GB; ++g) {
@@ -120,10 +140,10 @@ static inline void PvTile(const KV* const* vrows, int64_t n, const float* s, flo
 
 template <typename KV, int GB>
 static inline void PvHeads(const KV* const* vrows, int64_t n, const float* s, float* acc,
-                           int64_t D) {
+                           int64_t D, Ahead* ahead) {
   int64_t d0 = 0;
-  for (; d0 + 32 <= D; d0 += 32) PvTile<KV, GB, 4>(vrows, n, s, acc, D, d0);
-  for (; d0 < D; d0 += 8) PvTile<KV, GB, 1>(vrows, n, s, acc, D, d0);
+  for (; d0 + 32 <= D; d0 += 32) PvTile<KV, GB, 4>(vrows, n, s, acc, D, d0, ahead);
+  for (; d0 < D; d0 += 8) PvTile<KV, GB, 1>(vrows, n, s, acc, D, d0, ahead);
 }
 
 // ChunkGeneric for D % 8 == 0 with explicit 8-lane vectors: scores for 8 keys at a time
@@ -131,7 +151,7 @@ static inline void PvHeads(const KV* const* vrows, int64_t n, const float* s, fl
 // vectorised, and P.V keeps up to 3 heads x 4 vectors of accumulators in registers.
 template <typename KV, int DT>
 void ChunkAvx2(const Params& p, int64_t h, int64_t tok0, int64_t n, const float* q,
-               float* acc, float* m, float* l, float* s) {
+               float* acc, float* m, float* l, float* s, Ahead* ahead) {
   const int64_t D = DT > 0 ? DT : p.D;
   const int64_t G = p.G;
   const KV* kp = static_cast<const KV*>(p.k);
@@ -148,6 +168,7 @@ void ChunkAvx2(const Params& p, int64_t h, int64_t tok0, int64_t n, const float*
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = q + g * D;
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      ahead->Issue();
       __m256 a[8];
       for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
@@ -157,19 +178,23 @@ void ChunkAvx2(const Params& p, int64_t h, int64_t tok0, int64_t n, const float*
       _mm256_storeu_ps(s + g * kChunk + j0, hsum8x8(a));
     }
   }
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * kChunk;
-    for (int64_t j = 0; j < kChunk; ++j) {  // scales, soft cap; lanes >= n -> p = 0
-      if (j >= n) {
-        sg[j] = kNegInf;
-        continue;
+    if (p.ks || cap) {
+      for (int64_t j = 0; j < n; ++j) {  // scales, soft cap
+        float x = sg[j];
+        if (p.ks) x *= p.ks[(tok0 + j) * p.Hkv + h];
+        if (cap) x = p.soft_cap * std::tanh(x * cap_in);
+        sg[j] = x;
       }
-      float x = sg[j];
-      if (p.ks) x *= p.ks[(tok0 + j) * p.Hkv + h];
-      if (cap) x = p.soft_cap * std::tanh(x * cap_in);
-      sg[j] = x;
     }
-    const __m256 s0 = _mm256_loadu_ps(sg), s1 = _mm256_loadu_ps(sg + 8);
+    // lanes >= n -> p = 0
+    const __m256 neg = _mm256_set1_ps(kNegInf);
+    const __m256 s0 = _mm256_blendv_ps(neg, _mm256_loadu_ps(sg), _mm256_cmp_ps(
+        lane, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ));
+    const __m256 s1 = _mm256_blendv_ps(neg, _mm256_loadu_ps(sg + 8), _mm256_cmp_ps(
+        lane, _mm256_set1_ps(static_cast<float>(n - 8)), _CMP_LT_OQ));
     const float mx = std::max(m[g], hmax8(_mm256_max_ps(s0, s1)));
     const __m256 mv = _mm256_set1_ps(mx);
     const __m256 p0 = exp8(_mm256_sub_ps(s0, mv)), p1 = exp8(_mm256_sub_ps(s1, mv));
@@ -190,9 +215,9 @@ void ChunkAvx2(const Params& p, int64_t h, int64_t tok0, int64_t n, const float*
     }
   }
   int64_t g = 0;
-  for (; g + 3 <= G; g += 3) PvHeads<KV, 3>(vrows, n, s + g * kChunk, acc + g * D, D);
-  if (G - g == 2) PvHeads<KV, 2>(vrows, n, s + g * kChunk, acc + g * D, D);
-  if (G - g == 1) PvHeads<KV, 1>(vrows, n, s + g * kChunk, acc + g * D, D);
+  for (; g + 3 <= G; g += 3) PvHeads<KV, 3>(vrows, n, s + g * kChunk, acc + g * D, D, ahead);
+  if (G - g == 2) PvHeads<KV, 2>(vrows, n, s + g * kChunk, acc + g * D, D, ahead);
+  if (G - g == 1) PvHeads<KV, 1>(vrows, n, s + g * kChunk, acc + g * D, D, ahead);
 }
 #endif
 
@@ -227,26 +252,28 @@ void AttendRange(const Params& p, int64_t b, int64_t t_lo, int64_t t_hi, const f
   int64_t tok0 = t_lo < t_hi ? slot(t_lo, &n) : 0;
   for (int64_t pos = t_lo; pos < t_hi;) {
     int64_t nn = 0, next = 0;
-    if (pos + n < t_hi) {  // random pages defeat the hardware prefetcher: fetch ahead
+    Ahead ahead;
+    if (pos + n < t_hi) {
       next = slot(pos + n, &nn);
-      const char* kr = static_cast<const char*>(p.k) + next * row_bytes;
-      const char* vr = static_cast<const char*>(p.v) + next * row_bytes;
-      for (int64_t c = 0; c < nn * row_bytes; c += 64) {
-        __builtin_prefetch(kr + c);
-        __builtin_prefetch(vr + c);
-      }
+      ahead.k = static_cast<const char*>(p.k) + next * row_bytes;
+      ahead.v = static_cast<const char*>(p.v) + next * row_bytes;
+      ahead.bytes = nn * row_bytes;
+      // ChunkAvx2's Issue() calls: per kv head, G per 8 scores and one per V row and tile
+      const int64_t issues = p.Hkv * (G * ((n + 7) / 8) + n * ((G + 2) / 3) * ((D + 31) / 32));
+      ahead.per = (ahead.bytes / 64 + issues - 1) / issues;
     }
     for (int64_t h = 0; h < p.Hkv; ++h) {
       const float* qh = q + h * G * D;
       float* ah = acc + h * G * D;
 #ifdef JAXLLM_AVX2
       if (D % 8 == 0) {
-        ChunkAvx2<KV, DT>(p, h, tok0, n, qh, ah, m + h * G, l + h * G, s);
+        ChunkAvx2<KV, DT>(p, h, tok0, n, qh, ah, m + h * G, l + h * G, s, &ahead);
         continue;
       }
 #endif
       ChunkGeneric<KV, DT>(p, h, tok0, n, qh, ah, m + h * G, l + h * G, s);
     }
+    ahead.Rest();
     pos += n;
     tok0 = next;
     n = nn;
