@@ -379,6 +379,16 @@ def decoder_layer(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
 
 # --------------------------------------------------------------------------- forward
 
+def embed_rows(table, tokens: jax.Array):
+    """``table[tokens]``.  XLA:CPU gathers bfloat16 rows from a float32 convert of the
+    table; inside a decode loop that whole-table convert is loop-invariant, so XLA hoists
+    it and materializes a float32 copy of the table per dispatch.  Tying the table to
+    the tokens through a barrier keeps the convert fused into the gather (rows only)."""
+    if getattr(table, "dtype", None) == jnp.bfloat16 and isinstance(table, jax.Array):
+        table, tokens = jax.lax.optimization_barrier((table, tokens))
+    return table[tokens]
+
+
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             attend: AttendFn, layer_caches: Any = None,
             remat_policy: Callable | None = None, *,
@@ -393,7 +403,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     ``remat_policy`` (training) wraps each layer in ``jax.checkpoint`` with that policy.
     """
     with jax.named_scope("embed"):
-        x = params["embed"][tokens]
+        x = embed_rows(params["embed"], tokens)
     cos, sin = rope_cos_sin(cfg, positions)
 
     def layer(x, lp, cache, i):

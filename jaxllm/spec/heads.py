@@ -216,7 +216,7 @@ def eagle_step(head_params: HeadParams, target_params: Any, hcfg: HeadsConfig,
     """
     p = head_params["eagle"]
     dt = feature.dtype
-    emb = target_params["embed"][token].astype(dt)
+    emb = llama.embed_rows(target_params["embed"], token).astype(dt)
     x = jnp.concatenate([emb, feature], axis=-1) @ p["fc"].astype(dt) + p["fc_bias"].astype(dt)
     lcfg = hcfg.layer_config
     positions = jnp.full((x.shape[0], 1), step, jnp.int32)
