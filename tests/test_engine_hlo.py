@@ -8,6 +8,7 @@ layer's pool must be the pool itself (parameter, bitcast, tuple plumbing) or an 
 scatter into it, and the pool must be donated (aliased to the step's output).  They cover
 the XLA path (every model dtype x KV dtype x scan / unrolled layers), the Pallas kernels
 (interpret mode on CPU) and the engine on a mesh (8 virtual CPU devices, in a subprocess).
+The same reading guards the bf16 embedding table in the decode loop.
 """
 
 from __future__ import annotations
@@ -227,6 +228,15 @@ def test_mesh_step_touches_the_pool_only_in_place():
     r = subprocess.run([sys.executable, __file__, "mesh"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-8000:]
+
+
+def test_decode_loop_keeps_the_bf16_embedding_in_place():
+    """The multi-token decode loop gathers bfloat16 embedding rows without a float32 copy
+    of the table: XLA:CPU converts the table for a bf16 gather, and hoisted out of the
+    loop that convert was a fresh 2x-sized table per dispatch (``llama.embed_rows``)."""
+    eng = _engine(_params("bfloat16", scan=False), POOL_SIZES[0], "bfloat16")
+    bad = pool_sized_ops(_step_hlo(eng, num_steps=4), CFG.vocab_size * CFG.hidden_size)
+    assert not bad, "embedding-sized work in the decode loop:\n" + "\n".join(bad)
 
 
 def test_checker_sees_a_pool_sized_convert():
