@@ -332,6 +332,14 @@ def test_decode_program_is_compiled_ahead_during_prefill():
     plain = LLMEngine(params, CFG, **kw)
     plain.runner._compile_ahead = lambda spec: None  # noqa: SLF001 - the jitted path only
     assert [o.outputs[0].token_ids for o in plain.generate(prompts, sp)] == got
+    # n-gram speculation: the decode after a prefill watches its rows (lookup found no
+    # draft yet), and that is the program compiled ahead
+    ngram = LLMEngine(params, CFG, **kw, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3,
+        "prompt_lookup_max": 3})
+    assert [o.outputs[0].token_ids for o in ngram.generate(prompts, sp)] == got
+    decode_specs = [s for s in ngram.runner._ahead if s.decode_only]  # noqa: SLF001
+    assert decode_specs[0].lookup_n == 3 and decode_specs[0] in ngram.runner.specs_seen
 
 
 def test_nearby_pool_sizes_share_programs():

@@ -127,8 +127,10 @@ class ModelRunner:
         self.return_hidden = return_hidden  # hidden states back with the tokens (draft heads)
         # n-gram speculation: a multi-token decode stops once a watched row could be drafted
         # (prompt_lookup_min; 0: off).  One history width, the longest table's tokens, so
-        # watching adds one program per decode bucket, not one per length
+        # watching adds one program per decode bucket, not one per length.  Batches of
+        # lookup_below or more decodes do not speculate, so are not watched (None: all)
         self.lookup_n = 0
+        self.lookup_below: int | None = None
         self.num_dispatches = 0
         self.specs_seen: set[StepSpec] = set()
         # decode programs compiled ahead of time, in a background thread, while the prefill
@@ -302,10 +304,16 @@ class ModelRunner:
         n = sum(r.max_new > 1 for rs in rows for r in rs)  # rows that will decode on
         if n == 0 or n > self.max_num_seqs:
             return None
+        # with n-gram speculation a decode-only step follows when lookup found no draft:
+        # its rows are watched
+        watch = (self.lookup_n > 0 and self.num_scheduler_steps > 1
+                 and (self.lookup_below is None or n < self.lookup_below))
         return spec._replace(num_decodes=_pick(self.decode_buckets, n), num_prefill_tokens=0,
                              num_prefill_seqs=0, num_steps=self.num_scheduler_steps,
                              prompt_logprobs=-1, num_copies=0, penalty_lens=(0, 0),
-                             num_verify=0, num_draft=0, draft_probs=False)
+                             num_verify=0, num_draft=0, draft_probs=False,
+                             lookup_n=self.lookup_n if watch else 0,
+                             lookup_width=self.table_width * self.page_size if watch else 0)
 
     def _compile_ahead(self, spec: StepSpec | None) -> None:
         if spec is None or spec in self._ahead or spec in self.specs_seen:
