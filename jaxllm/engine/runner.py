@@ -216,8 +216,14 @@ class ModelRunner:
                         prompt_logprobs=plp, num_copies=copies, stop_width=stop_w,
                         penalty_lens=pen, num_verify=nv, num_draft=nk,
                         draft_probs=draft_probs and nv > 0, return_hidden=self.return_hidden,
-                        lookup_n=self.lookup_n if watch else 0,
-                        lookup_width=self.table_width * self.page_size if watch else 0)
+                        **self._lookup_fields(watch))
+
+    def _lookup_fields(self, watch: bool) -> dict[str, int]:
+        """``StepSpec.lookup_n`` / ``lookup_width`` of a decode program that watches its
+        rows for a prompt-lookup match (zeros: it does not)."""
+        if not watch:
+            return dict(lookup_n=0, lookup_width=0)
+        return dict(lookup_n=self.lookup_n, lookup_width=self.table_width * self.page_size)
 
     def _verify_shape(self, out: SchedulerOutput) -> tuple[int, int]:
         """``(B, K)``: verify rows (bucketed like prefill sequences) and draft width."""
@@ -312,8 +318,7 @@ class ModelRunner:
                              num_prefill_seqs=0, num_steps=self.num_scheduler_steps,
                              prompt_logprobs=-1, num_copies=0, penalty_lens=(0, 0),
                              num_verify=0, num_draft=0, draft_probs=False,
-                             lookup_n=self.lookup_n if watch else 0,
-                             lookup_width=self.table_width * self.page_size if watch else 0)
+                             **self._lookup_fields(watch))
 
     def _compile_ahead(self, spec: StepSpec | None) -> None:
         if spec is None or spec in self._ahead or spec in self.specs_seen:

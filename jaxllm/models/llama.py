@@ -384,7 +384,7 @@ def embed_rows(table, tokens: jax.Array):
     table; inside a decode loop that whole-table convert is loop-invariant, so XLA hoists
     it and materializes a float32 copy of the table per dispatch.  Tying the table to
     the tokens through a barrier keeps the convert fused into the gather (rows only)."""
-    if getattr(table, "dtype", None) == jnp.bfloat16 and isinstance(table, jax.Array):
+    if isinstance(table, jax.Array) and table.dtype == jnp.bfloat16:
         table, tokens = jax.lax.optimization_barrier((table, tokens))
     return table[tokens]
 
