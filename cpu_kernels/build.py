@@ -23,7 +23,7 @@ import jax.ffi
 
 SRC_DIR = Path(__file__).parent / "src"
 SOURCES = ("paged_attention.cc", "matmul.cc", "quant_matmul.cc", "int8_matmul.cc")
-HEADERS = ("common.h", "simd.h")
+HEADERS = ("common.h", "ktile.h", "simd.h")
 # -O3 -march=native: the loops are written for the compiler to vectorise (AVX-512 here,
 # AVX2 elsewhere); -fopenmp-simd honours the simd pragmas without an OpenMP runtime.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd",

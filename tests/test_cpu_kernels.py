@@ -370,12 +370,13 @@ def test_quantized_matmul_matches_xla(fmt, rows, groups, n, x_bf16, scale_dtype,
 
 
 @pytest.mark.parametrize("fmt,rows", [("int8", 1), ("int8", 5), ("int4-g32", 1),
-                                      ("Q4_1", 3), ("Q8_0", 16)])
+                                      ("Q4_1", 3), ("Q8_0", 16), ("int8", 9), ("Q4_1", 32)])
 def test_quantized_matmul_split_by_k(fmt, rows):
     """Weights wider than 1024 columns are split by K across threads: 37 groups of 32 give
     uneven item ranges, int8's one per-channel group spans several passes (its sums carried
     between them), N = 1100 leaves a partial 64-column block and 4 columns past the last 8.
-    Against float64 NumPy on the dequantized weight."""
+    From 8 rows each pass is dequantized into 384-column pieces (1100 leaves a piece of
+    332).  Against float64 NumPy on the dequantized weight."""
     rng = np.random.default_rng(rows)
     q = _quantized(fmt, rng.standard_normal((32 * 37, 1100)).astype(np.float32))
     x = jnp.asarray(rng.standard_normal((rows, 32 * 37)), jnp.float32)

@@ -20,19 +20,25 @@
 //     row tile reads them and the next chunk is prefetched meanwhile;
 //   N > 1024: split by K (RunKSplit, below): each item streams whole storage rows.
 
+#include <numeric>
 #include <vector>
 
 #include "common.h"
+#include "ktile.h"
 #include "simd.h"
 
 #if defined(JAXLLM_AVX2) && defined(__F16C__)
 #define JAXLLM_QMM_SIMD 1
+constexpr bool kWidens = true;
+#else
+constexpr bool kWidens = false;  // the plain loops only
 #endif
 
 namespace jaxllm {
 namespace {
 
-constexpr int64_t kBlock = 64;  // columns per item: one cache line of int8 / packed int4
+constexpr int64_t kWidenRows = 8;  // from this many rows of x, dequantize once per pass (below)
+constexpr int64_t kBlock = 64;     // columns per item: one cache line of int8 / packed int4
 constexpr int64_t kPass = 8;    // split by K: storage rows per pass (sequential streams)
 constexpr int64_t kAhead = 256; // split by K: prefetch distance along each row, bytes
 
@@ -53,6 +59,7 @@ struct QParams {
   const void* scales;
   const void* offsets;  // null: symmetric
   float* y;
+  bool widened;        // dequantize once per pass, float tiles (M >= kWidenRows)
 };
 
 // IEEE half -> float without F16C (the portable path).
@@ -345,6 +352,70 @@ static void KRange(const QParams& p, int64_t r0, int64_t r1, float* y, float* ga
   }
 }
 
+// ------------------------------------------------------- many rows: widen once per pass
+// The tiles above widen each code once per tile of 4 rows of x: 8 times at 32 rows, where
+// the widening (load, unpack, convert: 5 instructions per 16 codes) costs more than the
+// FMAs it feeds.  From kWidenRows rows each pass of codes is instead dequantized once,
+// w = code * scale + offset, into a float scratch that stays in L1, and the float
+// kernel's register tiles (ktile.h) run every row of x over it.  Still weight-only:
+// x stays float32, the products accumulate in float32.
+constexpr int64_t kWidePassK = 16;  // K indices per pass (a 4-bit pass: 8 storage rows)
+constexpr int64_t kPiece = 384;     // columns per piece: 16 x 384 floats = 24 KB of L1
+
+// Storage rows [a, b) (inside one group), columns [n0, n0 + nc) dequantized into out,
+// one row per K index in storage order (the order of p.x), row stride nc.
+template <int BITS, typename S, bool OFF>
+static void Widen(const QParams& p, int64_t a, int64_t b, int64_t n0, int64_t nc, float* out) {
+  constexpr int per_row = BITS == 8 ? 1 : 2;
+  const int64_t g = a / p.group_rows;
+  const auto* sc = static_cast<const typename S::T*>(p.scales) + g * p.N + n0;
+  const auto* of = static_cast<const typename S::T*>(p.offsets) + g * p.N + n0;
+  const int64_t n8 = nc / 8 * 8;
+  for (int64_t n = 0; n < n8; n += 8) {
+    const __m256 s = Load8S<S>(sc + n);
+    const __m256 o = OFF ? Load8S<S>(of + n) : _mm256_setzero_ps();
+    for (int64_t r = a; r < b; ++r) {
+      float* o0 = out + per_row * (r - a) * nc + n;
+      if (BITS == 8) {
+        const int8_t* w = static_cast<const int8_t*>(p.values) + r * p.N + n0 + n;
+        _mm256_storeu_ps(o0, _mm256_fmadd_ps(load8<int8_t>(w), s, o));
+      } else {
+        const uint8_t* w = static_cast<const uint8_t*>(p.values) + r * p.N + n0 + n;
+        const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF)));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+        _mm256_storeu_ps(o0, _mm256_fmadd_ps(lo, s, o));
+        _mm256_storeu_ps(o0 + nc, _mm256_fmadd_ps(hi, s, o));
+      }
+    }
+  }
+  for (int64_t n = n8; n < nc; ++n) {
+    const float s = S::At(sc, n), o = OFF ? S::At(of, n) : 0.f;
+    for (int64_t r = a; r < b; ++r)
+      for (int h = 0; h < per_row; ++h)
+        out[(per_row * (r - a) + h) * nc + n] = Code<BITS>(p.values, p.N, r, n0 + n, h) * s + o;
+  }
+}
+
+// Storage rows [r0, r1) into the partial y [M, N] (zeroed here), widened a pass and a
+// piece at a time.  Passes outermost, so each pass's storage rows stream in order.
+template <int BITS, typename S, bool OFF>
+static void KRangeWiden(const QParams& p, int64_t r0, int64_t r1, float* y) {
+  constexpr int per_row = BITS == 8 ? 1 : 2;
+  std::fill_n(y, p.M * p.N, 0.f);
+  std::vector<float> buf(kWidePassK * kPiece);
+  for (int64_t a = r0; a < r1;) {
+    const int64_t b = std::min({r1, a + kWidePassK / per_row, (a / p.group_rows + 1) * p.group_rows});
+    for (int64_t n0 = 0; n0 < p.N; n0 += kPiece) {
+      const int64_t nc = std::min(kPiece, p.N - n0);
+      Widen<BITS, S, OFF>(p, a, b, n0, nc, buf.data());
+      KPassRows<float>({buf.data(), p.x + per_row * a, y + n0, per_row * (b - a), nc, nc, p.K,
+                        p.N}, p.M);
+    }
+    a = b;
+  }
+}
+
 // Split by K only on weights wider than this: at N = 576 and 960 the column runs measured
 // as fast or faster (a storage row is 9-15 cache lines, so they stay within a few pages).
 constexpr int64_t kSplitMinN = 1024;
@@ -358,12 +429,19 @@ static void RunKSplit(ffi::ThreadPool& pool, const QParams& p) {
   const int64_t units = (p.rows + unit - 1) / unit;
   const int64_t items = std::clamp<int64_t>(units, 1, threads);
   const int64_t size = p.M * p.N;
-  std::vector<float> partial(items > 1 ? items * size : 0), gacc(items * size);
+  std::vector<float> partial(items > 1 ? items * size : 0),
+      gacc(p.widened ? 0 : items * size);  // the tiles' unscaled sums
   ParallelFor(pool, items, [&](int64_t i) {
     const int64_t r0 = std::min(p.rows, units * i / items * unit);
     const int64_t r1 = std::min(p.rows, units * (i + 1) / items * unit);
     float* y = items == 1 ? p.y : partial.data() + i * size;
-    if (p.offsets) {
+    if (p.widened) {
+      if (p.offsets) {
+        KRangeWiden<BITS, S, true>(p, r0, r1, y);
+      } else {
+        KRangeWiden<BITS, S, false>(p, r0, r1, y);
+      }
+    } else if (p.offsets) {
       KRange<BITS, S, true>(p, r0, r1, y, gacc.data() + i * size);
     } else {
       KRange<BITS, S, false>(p, r0, r1, y, gacc.data() + i * size);
@@ -381,7 +459,7 @@ static void RunKSplit(ffi::ThreadPool& pool, const QParams& p) {
 template <int BITS, typename S>
 static void Run(ffi::ThreadPool& pool, const QParams& p) {
 #ifdef JAXLLM_QMM_SIMD
-  if (p.N > kSplitMinN) return RunKSplit<BITS, S>(pool, p);
+  if (p.N > kSplitMinN || p.widened) return RunKSplit<BITS, S>(pool, p);
 #endif
   const int64_t items = (p.N + p.item_cols - 1) / p.item_cols;
   ParallelFor(pool, items, [&](int64_t i) {
@@ -415,12 +493,6 @@ static ffi::Error RunScales(ffi::ThreadPool& pool, const QParams& p, ffi::DataTy
           "quant_matmul: scales must be float32, float16 or bfloat16");
   }
   return ffi::Error::Success();
-}
-
-// K index held by slot h (0 low, 1 high) of 4-bit storage row r.
-static inline int64_t KIndex(int64_t packing, int64_t r, int h) {
-  if (packing == kGguf32) return 32 * (r / 16) + r % 16 + 16 * h;
-  return 2 * r + h;  // interleaved
 }
 
 // Storage rows walked between two epilogues: a whole group when it is small; a large
@@ -497,28 +569,35 @@ ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   p.per_group = p.group_rows / p.chunk_rows;
   p.chunks = p.groups * p.per_group;
   p.item_cols = ItemColumns(p.N, pool.num_threads());
-  // Activations widened once (M * K is small), reordered into storage order for 4 bits.
-  std::vector<float> xf(p.M * p.K), xs(p.M * p.K), sums;
+  // Activations widened once (M * K is small); for gguf32 reordered into storage order
+  // (interleaved storage order is K order).  Loops without divisions: this runs on one
+  // thread before the parallel part (a division per element cost ~10% at 32 rows).
+  std::vector<float> xf(p.M * p.K), xs, sums;
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
   for (int64_t i = 0; i < p.M * p.K; ++i) {
     xf[i] = bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x.untyped_data())[i])
                  : static_cast<const float*>(x.untyped_data())[i];
   }
-  if (bits == 4) {
-    for (int64_t m = 0; m < p.M; ++m)
-      for (int64_t r = 0; r < p.rows; ++r)
-        for (int h = 0; h < 2; ++h) {
-          xs[m * p.K + 2 * r + h] = xf[m * p.K + KIndex(packing, r, h)];
-        }
+  if (bits == 4 && packing == kGguf32) {
+    xs.resize(p.M * p.K);
+    for (int64_t b = 0; b < p.M * p.K; b += 32)  // block b: K index b + j + 16 h -> b + 2j + h
+      for (int64_t j = 0; j < 16; ++j) {
+        xs[b + 2 * j] = xf[b + j];
+        xs[b + 2 * j + 1] = xf[b + j + 16];
+      }
   } else {
     xs.swap(xf);
   }
   p.offsets = offsets.element_count() ? offsets.untyped_data() : nullptr;
-  if (p.offsets) {  // per-chunk activation sums for the offset term
-    const int64_t per_row = bits == 8 ? 1 : 2, chunk_len = p.chunk_rows * per_row;
+  p.widened = kWidens && p.M >= kWidenRows;
+  if (p.offsets && !p.widened) {  // per-chunk activation sums for the offset term
+    const int64_t chunk_len = p.chunk_rows * (bits == 8 ? 1 : 2);
     sums.assign(p.M * p.chunks, 0.f);
     for (int64_t m = 0; m < p.M; ++m)
-      for (int64_t k = 0; k < p.K; ++k) sums[m * p.chunks + k / chunk_len] += xs[m * p.K + k];
+      for (int64_t c = 0; c < p.chunks; ++c) {
+        const float* xc = xs.data() + m * p.K + c * chunk_len;
+        sums[m * p.chunks + c] = std::accumulate(xc, xc + chunk_len, 0.f);
+      }
   }
   p.x = xs.data();
   p.xsum = sums.data();
