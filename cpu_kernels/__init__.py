@@ -223,8 +223,12 @@ def matmul_applies(rows: int, w, *, transposed: bool = False) -> bool:
 
 _PACKINGS = {"none": 0, "interleaved": 1, "gguf32": 2}
 # Where the quantized kernel measured faster than XLA's dequantize-then-dot (docs/kernels.md):
-_QUANT_MAX_ROWS = 32  # a model's worth of Q4_1 projections: 1.5x XLA at 32 rows, 0.76x at
-# 64; the Q8_0 LM head 2.7x at 32, 0.65x at 64
+# From 8 rows the kernel dequantizes once per pass and runs float register tiles: a
+# model's worth of Q4_1 projections 3.1x XLA at 32 rows, 1.6x at 64, 1.2x at 128, 0.9x
+# at 256; the 49152-wide Q8_0 LM head 4.2x at 32, 1.3x at 64, 0.74x at 128.
+_QUANT_MAX_ROWS = 128
+_QUANT_WIDE_N = 8192  # an LM head
+_QUANT_WIDE_MAX_ROWS = 64
 
 
 _QUANTIZED_FIELDS = ("values", "scales", "offsets", "bits", "group_size", "packing",
@@ -265,9 +269,10 @@ def check_quantized(w) -> None:
 
 def quantized_applies(rows: int, w) -> bool:
     """Whether ``x [rows, K] @ w`` (``w`` a ``QuantizedArray``) should take
-    :func:`quantized_matmul`: the row counts where it measured faster (1-32) and a layout
-    the kernel reads."""
-    if not 1 <= rows <= _QUANT_MAX_ROWS:
+    :func:`quantized_matmul`: the row counts where it measured faster (1-128; 1-64 on an
+    LM head) and a layout the kernel reads."""
+    wide = getattr(w, "shape", (0,))[-1] > _QUANT_WIDE_N
+    if not 1 <= rows <= (_QUANT_WIDE_MAX_ROWS if wide else _QUANT_MAX_ROWS):
         return False
     try:
         check_quantized(w)

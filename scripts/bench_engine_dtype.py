@@ -79,7 +79,8 @@ def main() -> None:
             "static b1": (dict(static_batching=True), one),
             "engine b32": (dict(max_num_seqs=32, num_pages=1024, max_model_len=512), batch32),
         }
-        llms = {name: LLM(args.model, dtype=dtype, **kw) for name, (kw, _) in configs.items()}
+        llms = {name: LLM(args.model, dtype=dtype, quantization=None, **kw)  # float weights
+                for name, (kw, _) in configs.items()}
         for name, (_, prompts) in configs.items():  # compile + fill the prefix cache
             decode_rate(llms[name], prompts, args.new_tokens)
             print(f"  {dtype} {name}: {llms[name].engine.pool.describe()}"

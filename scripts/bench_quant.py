@@ -58,7 +58,8 @@ METHODS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
            "int8": ("float32", "int8"), "int4": ("float32", "int4"),
            "int4-g64": ("float32", "int4-g64"), "int4-g128": ("float32", "int4-g128"),
            "int4-e4": ("float32", QuantConfig("int4", 32, embed_bits=4)),
-           "gguf": ("float32", "gguf"), "int8-bf16": ("bfloat16", "int8"),
+           "gguf": ("float32", "gguf"), "gguf-bf16": ("bfloat16", "gguf"),
+           "int8-bf16": ("bfloat16", "int8"),
            "awq": ("float32", "awq-g64"), "gptq": ("float32", "gptq-g64"),
            "gptq-int8": ("float32", "gptq-int8"), "w8a8": ("float32", "w8a8")}
 

@@ -678,7 +678,8 @@ def main(argv=None) -> int:
     tokenizer = None
     compiles = CompileCounter()
     if args.base_url is None:
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+        llm = LLM(args.model, dtype=args.dtype, quantization=None,  # llama-server: same precision
+                  max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,
                   enable_prefix_caching=args.enable_prefix_caching)

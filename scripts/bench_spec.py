@@ -143,7 +143,8 @@ def main() -> int:
         '{"method": "ngram", "num_speculative_tokens": 4}'])]
     batches = [int(b) for b in args.batches.split(",") if b]
     largest = max(batches + [args.large_batch])
-    llm = LLM(args.model, dtype="float32", max_model_len=2048, num_pages=args.num_pages,
+    llm = LLM(args.model, dtype="float32", quantization=None, max_model_len=2048,
+              num_pages=args.num_pages,
               max_num_seqs=largest)
     base = llm.engine_config
 

@@ -100,11 +100,22 @@ def smollm2_path():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real default model through the public API (float32), shared by the session."""
+    """The real default model through the public API as users get it, shared by the
+    session: float32 compute over, on CPU, the file's own Q4_1 / Q8_0 blocks
+    (``quantization="auto"``; float weights on a GPU)."""
     from jaxllm import LLM
 
     # a small KV pool: the default sizes it from RAM (GiBs), which CI does not need
     return LLM(max_model_len=2048, num_pages=256)
+
+
+@pytest.fixture(scope="session")
+def smollm2_float():
+    """The default model with float32 weights (``quantization=None``): the reference the
+    quantized paths are measured against."""
+    from jaxllm import LLM
+
+    return LLM(max_model_len=2048, num_pages=64, quantization=None)
 
 
 @pytest.fixture(scope="session")

@@ -422,10 +422,13 @@ def test_quantized_dispatch_head_and_grad():
     x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
     jaxpr = lambda f, *a: str(jax.make_jaxpr(f)(*a))  # noqa: E731
     assert "jaxllm_quant_matmul" in jaxpr(lambda x: llama.matmul(x, q), x)
-    assert "jaxllm_quant_matmul" not in jaxpr(lambda x: llama.matmul(x, q), jnp.ones((64, 64)))
-    # 1-32 rows: the kernel (measured faster than dequantize-then-dot), 33 and up: XLA
-    assert "jaxllm_quant_matmul" in jaxpr(lambda x: llama.matmul(x, q), jnp.ones((32, 64)))
-    assert "jaxllm_quant_matmul" not in jaxpr(lambda x: llama.matmul(x, q), jnp.ones((33, 64)))
+    # 1-128 rows: the kernel (measured faster than dequantize-then-dot), 129 and up: XLA;
+    # an LM head (N > 8192) to 64 rows
+    assert "jaxllm_quant_matmul" in jaxpr(lambda x: llama.matmul(x, q), jnp.ones((128, 64)))
+    assert "jaxllm_quant_matmul" not in jaxpr(lambda x: llama.matmul(x, q), jnp.ones((129, 64)))
+    wide = _quantized("Q8_0", rng.standard_normal((32, 8200)).astype(np.float32))
+    assert "jaxllm_quant_matmul" in jaxpr(lambda x: llama.matmul(x, wide), jnp.ones((64, 32)))
+    assert "jaxllm_quant_matmul" not in jaxpr(lambda x: llama.matmul(x, wide), jnp.ones((65, 32)))
     with cpu_kernels.override(False):
         assert "jaxllm_quant_matmul" not in jaxpr(lambda x: llama.matmul(x, q), x)
     # the vocab-major LM head passes the quantized weight first: W^T [V, D] @ h^T [D, 3]

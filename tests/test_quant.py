@@ -327,8 +327,31 @@ def test_quantize_command_saves_a_checkpoint_llm_loads(tiny_model, tiny_llms, tm
 
 # --------------------------------------------------------------------------- default model
 
+def test_auto_quantization_keeps_gguf_blocks_where_they_are_faster(tmp_path, monkeypatch):
+    """LLM's default ``quantization="auto"``: the default GGUF file keeps its blocks on one
+    CPU device with the kernels built, and loads float weights under a mesh, with a LoRA
+    adapter to merge, without the kernels, or from an HF directory."""
+    import cpu_kernels
+    from jaxllm.llm import resolve_quantization
+    from jaxllm.weights import default_model_path
+    from jaxllm.weights.gguf_blocks import keeps_blocks
+
+    path = default_model_path()
+    assert keeps_blocks(path)
+    want = QuantConfig("gguf") if cpu_kernels.active() else None
+    assert resolve_quantization("auto", None) == resolve_quantization("auto", path) == want
+    assert resolve_quantization("auto", path, lora=tmp_path) is None
+    assert resolve_quantization("auto", path, devices=2) is None
+    assert resolve_quantization(None, path) is None
+    assert resolve_quantization("int8", path) == QuantConfig.parse("int8")
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_quantization("auto", tmp_path) is None
+    monkeypatch.setenv("JAXLLM_CPU_KERNELS", "0")
+    assert resolve_quantization("auto", path) is None
+
+
 @pytest.mark.slow
-def test_default_model_quantized_agrees_with_float(smollm2):
+def test_default_model_quantized_agrees_with_float(smollm2_float):
     import json
     from pathlib import Path
 
@@ -336,7 +359,7 @@ def test_default_model_quantized_agrees_with_float(smollm2):
 
     lines = (Path(__file__).parent / "data" / "captain_byte.jsonl").read_text().splitlines()
     text = "\n\n".join(json.loads(line).get("output", "") for line in lines[:16])
-    ids = smollm2.tokenizer.encode(text, add_special_tokens=False)[:256]
+    ids = smollm2_float.tokenizer.encode(text, add_special_tokens=False)[:256]
 
     def nll(lg: np.ndarray) -> float:
         lg = lg[:-1].astype(np.float64)
@@ -344,20 +367,20 @@ def test_default_model_quantized_agrees_with_float(smollm2):
         lse = np.log(np.exp(lg - m[:, None]).sum(-1)) + m
         return float(np.mean(lse - lg[np.arange(len(lg)), ids[1:]]))
 
-    a = smollm2.logits(ids)
+    a = smollm2_float.logits(ids)
     # int4 (group 32) reproduces the file's Q4_1 blocks; the int8 embedding is the only loss
     for method, share in (("int8", 0.26), ("int4", 0.19)):
         q = LLM(quantization=method, max_model_len=2048, num_pages=64)
         b = q.logits(ids)
         assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.95, method
         assert abs(np.exp(nll(b)) / np.exp(nll(a)) - 1) <= 0.01, method  # perplexity within 1%
-        assert tree_nbytes(q.params) <= share * tree_nbytes(smollm2.params), method
+        assert tree_nbytes(q.params) <= share * tree_nbytes(smollm2_float.params), method
         del q
     # the file's own Q4_1 / Q8_0 blocks: the same logits as the dequantized float32 model
     g = LLM(quantization="gguf", max_model_len=2048, num_pages=64)
     assert isinstance(g.params["layers"][0]["wqkv"], QuantizedArray)
     np.testing.assert_allclose(g.logits(ids), a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
-    assert tree_nbytes(g.params) <= 0.19 * tree_nbytes(smollm2.params)
+    assert tree_nbytes(g.params) <= 0.19 * tree_nbytes(smollm2_float.params)
 
 
 def test_gguf_blocks_need_a_gguf_file(tiny_model):

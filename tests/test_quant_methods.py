@@ -272,19 +272,19 @@ def test_bad_input_names_the_value(cut_model):
 # --------------------------------------------------------------------------- whole model
 
 @pytest.mark.slow
-def test_default_model_w8a8_through_llm_and_quantize_command(smollm2, tmp_path):
+def test_default_model_w8a8_through_llm_and_quantize_command(smollm2_float, tmp_path):
     """The full default model: W8A8 through LLM (engine decode, int8 LM head), and the
     `jaxllm quantize --method w8a8` checkpoint loading back to the same tokens."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.cli import main
     from jaxllm.quant import split_tokens
 
-    ids = split_tokens(smollm2.tokenizer)[1][:256]
+    ids = split_tokens(smollm2_float.tokenizer)[1][:256]
     q = LLM(quantization="w8a8", max_model_len=512, num_pages=64)
-    a, b = smollm2.logits(ids), q.logits(ids)
+    a, b = smollm2_float.logits(ids), q.logits(ids)
     # measured 0.86: per-token int8 activations through 30 layers and the int8 LM head
     assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.8
-    assert tree_nbytes(q.params) <= 0.27 * tree_nbytes(smollm2.params)
+    assert tree_nbytes(q.params) <= 0.27 * tree_nbytes(smollm2_float.params)
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     want = q.generate([ids[:32]], sp)[0].outputs[0].token_ids
     out = tmp_path / "w8a8"

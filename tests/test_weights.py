@@ -457,6 +457,10 @@ def test_synthetic_gguf_all_qtypes_match_transformers(tmp_path, arch):
     # and load_model builds a tokenizer from the same file
     m = load_model(path, use_cache=False)
     assert m.tokenizer.vocab_size == 64 and m.tokenizer.eos_token_ids == (2,)
+    # F32 / F16 / Q2_K matmul tensors are not kept as blocks: LLM's "auto" loads floats
+    from jaxllm.llm import resolve_quantization
+    from jaxllm.weights.gguf_blocks import keeps_blocks
+    assert not keeps_blocks(path) and resolve_quantization("auto", path) is None
 
 
 def test_llama3_rope_freqs_become_rope_scaling():

@@ -43,7 +43,9 @@ def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 
 class _Jax:
     def __init__(self, args):
-        self.llm = LLM(args.model, dtype=args.dtype, scan_layers=args.scan_layers)
+        # float weights: the peers run the same weights at the same precision
+        self.llm = LLM(args.model, dtype=args.dtype, scan_layers=args.scan_layers,
+                       quantization=None)
 
     def prefill(self, prompts):
         sp = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)

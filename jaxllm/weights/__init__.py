@@ -30,7 +30,7 @@ from jaxllm.weights.gguf_blocks import load_gguf_blocks
 from jaxllm.weights.quantized import is_quantized_checkpoint, load_quantized
 from jaxllm.weights.hf import load_hf, save_hf
 
-__all__ = ["LoadedModel", "load_model", "default_model_path", "DEFAULT_MODEL_NAME",
+__all__ = ["LoadedModel", "load_model", "resolve_source", "default_model_path", "DEFAULT_MODEL_NAME",
            "param_shapes", "resolve_dtype", "load_hf", "save_hf", "load_gguf"]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -66,6 +66,21 @@ def default_model_path() -> Path:
     raise FileNotFoundError(DEFAULT_MODEL_MISSING)
 
 
+def resolve_source(path: str | os.PathLike | None) -> Path:
+    """The file or directory :func:`load_model` reads for ``path``: the default model for
+    None, the one ``.gguf`` file of a directory without config.json.  FileNotFoundError
+    when it does not exist."""
+    src = default_model_path() if path is None else Path(path).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"model path not found: {src} (expected a .gguf file or an HF "
+                                "checkpoint directory with config.json and model.safetensors)")
+    if src.is_dir() and not (src / "config.json").exists():
+        ggufs = sorted(src.glob("*.gguf"))
+        if len(ggufs) == 1:
+            src = ggufs[0]
+    return src
+
+
 def load_model(path: str | os.PathLike | None = None, dtype: Any = "float32",
                use_cache: bool = True, *, progress: bool | None = None,
                gguf_blocks: bool = False) -> LoadedModel:
@@ -83,15 +98,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: Any = "float32",
     safetensors) and ``ValueError`` (corrupt/truncated/unsupported files), each naming
     the file and what was expected.
     """
-    src = default_model_path() if path is None else Path(path).expanduser()
+    src = resolve_source(path)
     dt = resolve_dtype(dtype)
-    if not src.exists():
-        raise FileNotFoundError(f"model path not found: {src} (expected a .gguf file or an HF "
-                                "checkpoint directory with config.json and model.safetensors)")
-    if src.is_dir() and not (src / "config.json").exists():
-        ggufs = sorted(src.glob("*.gguf"))
-        if len(ggufs) == 1:
-            src = ggufs[0]
     if src.is_dir() and is_quantized_checkpoint(src):  # from `jaxllm quantize`: no float pass
         cfg, params, tok = load_quantized(src, dt)
         return LoadedModel(cfg, params, tok, src, dt, from_cache=False)

@@ -224,6 +224,22 @@ def _combine(parts: list[QuantizedArray], fn) -> QuantizedArray:
                           dtype=first.dtype, transposed=first.transposed)
 
 
+def keeps_blocks(path: str | os.PathLike) -> bool:
+    """Whether :func:`load_gguf_blocks` reads the GGUF file ``path`` as it is: a supported
+    architecture whose matmul tensors are all of :data:`BLOCK_TYPES`.  Reads the header."""
+    from gguf import GGMLQuantizationType
+
+    gf = read_gguf(path)
+    if gf.metadata.get("general.architecture") not in SUPPORTED_GGUF_ARCHITECTURES:
+        return False
+    mats = {suffix for suffix, (_, is_mat, _) in _LAYER_TENSORS.items() if is_mat}
+    for name, info in gf.tensors.items():
+        if name == "output.weight" or (name.startswith("blk.") and name.split(".", 2)[-1] in mats):
+            if GGMLQuantizationType(info.qtype).name not in BLOCK_TYPES:
+                return False
+    return True
+
+
 def load_gguf_blocks(path: str | os.PathLike, dtype: Any = "float32"
                      ) -> tuple[ModelConfig, dict, GGUFTokenizerInfo]:
     """Load a llama/qwen2 GGUF file keeping its blocks (any of :data:`BLOCK_TYPES`):
