@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cpu_kernels
 from jaxllm import attention as A
 from pallas_kernels import reference as R
 from pallas_kernels.flash_attention import flash_attention
@@ -427,16 +428,26 @@ def test_paged_decode_kernel_property(data):
     assert _maxerr(out, ref) < FWD_TOL
 
 
-_ragged_xla_jit = jax.jit(A.ragged_paged_attention, static_argnames=("impl", "block_q",
-                                                                   "sliding_window"))
+def _ragged_jit(kernels: bool):
+    """``A.ragged_paged_attention`` jitted with the CPU kernels on (its decode-row route)
+    or off (the XLA path): the choice is made while tracing."""
+    def ragged(*args, **kw):
+        with cpu_kernels.override(kernels):
+            return A.ragged_paged_attention(*args, **kw)
+    return jax.jit(ragged, static_argnames=("impl", "block_q", "sliding_window"))
+
+
+_RAGGED_JIT = {False: _ragged_jit(False), True: _ragged_jit(True)}
 _ragged_ref_jit = jax.jit(R.ragged_paged_attention_ref, static_argnames=("sliding_window",))
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["xla", "cpu-kernel"])
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_ragged_xla_property(data):
-    """The CPU engine's ragged XLA path == reference for random mixes of prefill chunks,
-    decode tokens and padding sequences, any block size (fixed N: contents vary)."""
+def test_ragged_xla_property(kernels, data):
+    """The CPU engine's ragged paths == reference for random mixes of prefill chunks,
+    decode tokens and padding sequences, any block size (fixed N: contents vary): the
+    XLA path, and the C++ decode kernel with one row per query token."""
     num_seqs, n = 5, 48
     q_lens = data.draw(st.lists(st.integers(0, 9), min_size=num_seqs, max_size=num_seqs))
     ctx = data.draw(st.lists(st.integers(0, 20), min_size=num_seqs, max_size=num_seqs))
@@ -450,8 +461,8 @@ def test_ragged_xla_property(data):
     q = _normal(rng, (n, hq, d))
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
     kvl = jnp.asarray(kv_lens, jnp.int32)
-    out = _ragged_xla_jit(q, k_pages, v_pages, bt, cu, kvl, impl="xla", block_q=block_q,
-                          sliding_window=window)
+    out = _RAGGED_JIT[kernels](q, k_pages, v_pages, bt, cu, kvl, impl="xla", block_q=block_q,
+                               sliding_window=window)
     ref = _ragged_ref_jit(q, k_pages, v_pages, bt, cu, kvl, sliding_window=window)
     assert _maxerr(out, ref) < FWD_TOL
 
@@ -500,6 +511,11 @@ def test_kernels_lower_to_triton_for_cuda():
 def test_xla_paths_with_a_single_query_block():
     """Regression: XLA:CPU miscompiled the XLA paged path for one query block under jit
     (a batch-1 decode or a lone ragged token gave wrong values)."""
+    with cpu_kernels.override(False):  # the XLA path, not the CPU kernel
+        _single_query_block_case()
+
+
+def _single_query_block_case():
     from pallas_kernels.reference import paged_decode_attention_ref, ragged_paged_attention_ref
 
     from jaxllm.attention import paged_decode_attention, ragged_paged_attention
