@@ -261,7 +261,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         ids = split_tokens(llm.tokenizer)[1]
     ids = ids[:args.max_tokens] if args.max_tokens else ids
     nll, count = window_nll(llm, ids, args.window, stride)
-    print(f"tokens {count}  nll {nll:.4f}  ppl {math.exp(nll):.3f}")
+    weights = llm.quantization.name if llm.quantization is not None else f"{llm.dtype} (float)"
+    print(f"tokens {count}  nll {nll:.4f}  ppl {math.exp(nll):.3f}  weights {weights}")
     return 0
 
 
