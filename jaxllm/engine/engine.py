@@ -157,9 +157,9 @@ class LLMEngine:
             self.stats.spec[speculator.method] = speculator.stats
         self.speculator = speculator
         self.runner.return_hidden = speculator is not None and speculator.needs_hidden
-        on = speculator is not None
-        self.runner.lookup_n = speculator.lookup_n if on else 0
-        self.runner.lookup_below = speculator.config.disable_by_batch_size if on else None
+        self.runner.lookup_n = speculator.lookup_n if speculator is not None else 0
+        if speculator is not None:
+            self.runner.speculates = speculator.speculates
 
     # ------------------------------------------------------------------ requests
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -127,10 +127,10 @@ class ModelRunner:
         self.return_hidden = return_hidden  # hidden states back with the tokens (draft heads)
         # n-gram speculation: a multi-token decode stops once a watched row could be drafted
         # (prompt_lookup_min; 0: off).  One history width, the longest table's tokens, so
-        # watching adds one program per decode bucket, not one per length.  Batches of
-        # lookup_below or more decodes do not speculate, so are not watched (None: all)
+        # watching adds one program per decode bucket, not one per length.  Batches the
+        # load-aware switch turns speculation off for are not watched
         self.lookup_n = 0
-        self.lookup_below: int | None = None
+        self.speculates: Callable[[int], bool] = lambda num_decoding: True
         self.num_dispatches = 0
         self.specs_seen: set[StepSpec] = set()
         # decode programs compiled ahead of time, in a background thread, while the prefill
@@ -312,8 +312,7 @@ class ModelRunner:
             return None
         # with n-gram speculation a decode-only step follows when lookup found no draft:
         # its rows are watched
-        watch = (self.lookup_n > 0 and self.num_scheduler_steps > 1
-                 and (self.lookup_below is None or n < self.lookup_below))
+        watch = self.lookup_n > 0 and self.num_scheduler_steps > 1 and self.speculates(n)
         return spec._replace(num_decodes=_pick(self.decode_buckets, n), num_prefill_tokens=0,
                              num_prefill_seqs=0, num_steps=self.num_scheduler_steps,
                              prompt_logprobs=-1, num_copies=0, penalty_lens=(0, 0),

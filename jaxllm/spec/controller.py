@@ -97,10 +97,15 @@ class Speculator:
         """``num_speculative_tokens``: the widest draft a step verifies."""
         return self.config.num_speculative_tokens
 
-    def enabled_for(self, num_decoding: int) -> bool:
-        """Whether a step with ``num_decoding`` decoding sequences speculates at all."""
+    def speculates(self, num_decoding: int) -> bool:
+        """The load-aware switch: whether a step with ``num_decoding`` decoding sequences
+        speculates at all."""
         limit = self.config.disable_by_batch_size
-        on = limit is None or num_decoding < limit
+        return limit is None or num_decoding < limit
+
+    def enabled_for(self, num_decoding: int) -> bool:
+        """:meth:`speculates`, counting the steps it switches off."""
+        on = self.speculates(num_decoding)
         if not on:
             self.stats.disabled_steps += 1
         return on
