@@ -152,6 +152,14 @@ inline __m256 Load8S<ScaleF16>(const uint16_t* p) {
 template <>
 inline __m256 Load8S<ScaleBF16>(const uint16_t* p) { return load8<uint16_t>(p); }
 
+// The 16 codes of 8 packed bytes (8 columns x 2 K indices) as floats: lo the low nibbles,
+// hi the high ones (8 bytes -> 8 lanes, then split).
+static inline void Unpack4(const uint8_t* w, __m256& lo, __m256& hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0xF)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+
 // acc[m][v] += sum over storage rows [r0, r1) of x[m0 + m] * code, columns [n0, n0 + 8 NV).
 // Each code is widened once for all MR rows.  AHEAD: also prefetch each row kAhead bytes
 // ahead (the split-by-K streams).
@@ -174,16 +182,12 @@ static inline void RowsTile(const QParams& p, int64_t m0, int64_t r0, int64_t r1
     }
   } else {
     const uint8_t* w = static_cast<const uint8_t*>(p.values) + n0;
-    const __m256i low4 = _mm256_set1_epi32(0xF);
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* wr = w + r * p.N;
       if (lead) __builtin_prefetch(wr + kAhead);
       __m256 lo[NV], hi[NV];
-      for (int v = 0; v < NV; ++v) {  // 8 bytes -> 8 lanes, then split the nibbles
-        const __m256i b = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + 8 * v)));
-        lo[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
-        hi[v] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+      for (int v = 0; v < NV; ++v) {
+        Unpack4(wr + 8 * v, lo[v], hi[v]);
         if (MR == 1) {  // use the pair at once: 8 accumulators + 16 codes do not fit
           acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * r), lo[v], acc[0][v]);
           acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * r + 1), hi[v], acc[0][v]);
@@ -382,11 +386,8 @@ static void Widen(const QParams& p, int64_t a, int64_t b, int64_t n0, int64_t nc
         const int8_t* w = static_cast<const int8_t*>(p.values) + r * p.N + n0 + n;
         _mm256_storeu_ps(o0, _mm256_fmadd_ps(load8<int8_t>(w), s, o));
       } else {
-        const uint8_t* w = static_cast<const uint8_t*>(p.values) + r * p.N + n0 + n;
-        const __m256i q =
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
-        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF)));
-        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+        __m256 lo, hi;
+        Unpack4(static_cast<const uint8_t*>(p.values) + r * p.N + n0 + n, lo, hi);
         _mm256_storeu_ps(o0, _mm256_fmadd_ps(lo, s, o));
         _mm256_storeu_ps(o0 + nc, _mm256_fmadd_ps(hi, s, o));
       }
