@@ -32,6 +32,8 @@ BASE = dict(max_model_len=160, page_size=4, num_pages=160, max_num_seqs=8,
 # speculating at every batch size (the load-aware switch has its own test)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
          "prompt_lookup_max": 3, "disable_by_batch_size": None}
+EARLY_EXIT = {"method": "early_exit", "num_speculative_tokens": 3, "early_exit_layers": 1,
+              "disable_by_batch_size": None}
 
 
 @pytest.fixture(scope="module")
@@ -392,13 +394,14 @@ def _tokens(outs):
     ("small-pool", dict(num_pages=88)),  # every request fits alone (none is ignored)
 ])
 def test_greedy_equals_plain_engine(model, greedy_workload, name, kw):
-    """20 prompts of mixed lengths (n > 1, stop strings, min_tokens): prompt lookup and a
-    noisy oracle draft (long accepted runs, rejections anywhere) give the plain engine's
-    tokens and text, with chunked prefill and prefix caching, or a pool that preempts."""
+    """20 prompts of mixed lengths (n > 1, stop strings, min_tokens): prompt lookup, a
+    noisy oracle draft (long accepted runs, rejections anywhere) and early exit (drafts
+    made in the step over the target's pages) give the plain engine's tokens and text,
+    with chunked prefill and prefix caching, or a pool that preempts."""
     texts, sps = greedy_workload
     want = make_engine(model, **kw).generate(texts, sps)
-    for method in ("ngram", "oracle"):
-        eng = make_engine(model, NGRAM, **kw)
+    for method in ("ngram", "oracle", "early_exit"):
+        eng = make_engine(model, EARLY_EXIT if method == "early_exit" else NGRAM, **kw)
         if method == "oracle":
             use_proposer(eng, OracleProposer(want, model[1].vocab_size))
         got = eng.generate(texts, sps)
@@ -599,10 +602,10 @@ def test_draft_head_methods_run_exactly(model, tmp_path, method):
 
 
 @pytest.mark.slow  # compiles a second engine's programs
-def test_draft_model_and_early_exit_run_exactly(model, tmp_path):
+def test_draft_model_runs_exactly(model, tmp_path):
     """A smaller random draft model with the target's vocabulary (loaded from an HF
-    directory) and the target's own first layer: greedy output equals the plain
-    engine's; a draft with another vocabulary is refused at start."""
+    directory): greedy output equals the plain engine's; a draft with another
+    vocabulary is refused at start."""
     from conftest import save_tiny_hf
 
     tok, cfg, params = model
@@ -611,15 +614,77 @@ def test_draft_model_and_early_exit_run_exactly(model, tmp_path):
     want = _tokens(make_engine(model).generate(texts, sp))
     draft_dir, _ = save_tiny_hf(tmp_path, "llama", vocab_size=cfg.vocab_size,
                                 num_hidden_layers=1, hidden_size=32, intermediate_size=48)
-    for spec in ({"method": "draft_model", "num_speculative_tokens": 3, "model": str(draft_dir)},
-                 {"method": "early_exit", "num_speculative_tokens": 3, "early_exit_layers": 1}):
-        eng = make_engine(model, {**spec, "disable_by_batch_size": None})
-        assert _tokens(eng.generate(texts, sp)) == want, spec["method"]
-        assert eng.stats.spec[spec["method"]].verifies > 0
+    eng = make_engine(model, {"method": "draft_model", "num_speculative_tokens": 3,
+                              "model": str(draft_dir), "disable_by_batch_size": None})
+    assert _tokens(eng.generate(texts, sp)) == want
+    assert eng.stats.spec["draft_model"].verifies > 0
     other, _ = save_tiny_hf(tmp_path / "other", "llama", vocab_size=128)
     with pytest.raises(ValueError, match="vocabulary of 128 tokens"):
         make_engine(model, {"method": "draft_model", "num_speculative_tokens": 2,
                             "model": str(other)})
+
+
+def test_early_exit_drafts_in_the_targets_step_over_its_pages(model):
+    """Early exit keeps no second model or cache: each verify step drafts with the
+    target's first layer over the target's own pages.  Its drafts are exactly the greedy
+    tokens of that truncated model (a from-scratch forward of the first layer + final
+    norm + LM head); after a rejection the next step's log-probs equal a from-scratch
+    forward of the full model; every page comes back; a layer count the target does not
+    have is refused at start."""
+    from jaxllm.spec.early_exit import early_exit_params
+
+    tok, cfg, params = model
+    texts = _texts(6)
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    want = make_engine(model).generate(texts, sp)
+    eng = make_engine(model, EARLY_EXIT)
+    assert eng.runner.draft_layers == 1 and not hasattr(eng.speculator.proposer, "engine")
+    assert _tokens(eng.generate(texts, sp)) == _tokens(want)
+    st = eng.stats.spec["early_exit"]
+    assert st.verifies > 0 and 0 < st.accepted_tokens < st.drafted_tokens, st
+    assert eng.allocator.num_free_blocks == eng.allocator.num_usable_blocks
+
+    # every verify's drafts, with the sequence's tokens before it
+    seen = []
+    execute = eng.runner.execute
+
+    def spy(out, rows, **kw):
+        ctx = {e.seq_id: list(eng.scheduler.get_seq(e.seq_id).token_ids)
+               for e in out.scheduled_seqs if e.draft_ids}
+        res = execute(out, rows, **kw)
+        seen.extend((ctx[e.seq_id], d) for e, d in zip(out.scheduled_seqs, res.drafts or ())
+                    if d)
+        return res
+
+    eng.runner.execute = spy
+    # one request until a verify rejected drafts, then a plain step by hand
+    rid = eng.add_request(None, texts[1], dataclasses.replace(sp, max_tokens=60))
+    rejected = st.drafted_tokens - st.accepted_tokens
+    while st.drafted_tokens - st.accepted_tokens == rejected:
+        eng.step()
+    seq = eng.scheduler.get_request(rid).seqs[0]
+    ee_params, ee_cfg = early_exit_params(params, cfg, 1)
+    attn = llama.full_attention_fn(ee_cfg, impl="xla")
+    assert seen
+    for ctx, drafts in seen:  # the truncated model's greedy continuation, from scratch
+        ctx = list(ctx)
+        for d in drafts:
+            h, _ = llama.forward(ee_params, ee_cfg, jnp.asarray([ctx]),
+                                 jnp.arange(len(ctx))[None], attn)
+            assert d == int(jnp.argmax(llama.lm_head(ee_params, ee_cfg, h[0, -1:])[0]))
+            ctx.append(d)
+    assert seq.num_uncomputed_tokens == 1
+    batch = eng.scheduler.schedule()
+    row = RowParams(logprobs=cfg.vocab_size, stop_ids=())
+    res = eng.runner.execute(batch, [[SampleRow(row, seq.num_output_tokens)]])
+    _, top_ids, top_lps = res.logprobs[0][0][0]
+    got = np.full(cfg.vocab_size, np.nan)
+    got[np.asarray(top_ids)] = top_lps
+    full = llama.logits(params, cfg, jnp.asarray([seq.token_ids]), attn_impl="xla")[0, -1]
+    np.testing.assert_allclose(got, jax.nn.log_softmax(full), atol=1e-5)
+    eng.scheduler.update(batch, [int(res.tokens[0][0][0])])
+    eng.abort(rid)
+
     with pytest.raises(ValueError, match="early_exit_layers must be in"):
         make_engine(model, {"method": "early_exit", "num_speculative_tokens": 2,
                             "early_exit_layers": cfg.num_layers})

@@ -1,5 +1,6 @@
-"""Draft-model proposers: a smaller model (``draft_model``) or the target's own first
-layers (``early_exit``) drafting through a second engine with its own small page pool.
+"""The draft-model proposer: a smaller model (``draft_model``) drafting through a second
+engine with its own small page pool.  (Early exit drafts inside the target's own step:
+:mod:`jaxllm.spec.early_exit`.)
 
 Each round the drafts of every speculating sequence come from ONE ``generate`` call on
 the draft engine: a request per sequence whose prompt is the sequence's tokens and whose
@@ -13,19 +14,12 @@ multi-token decode dispatch.  Rejected draft tokens never enter the cache (only 
 computed pages of a finished request's tokens are hashed, and a draft request's pages
 hold the draft's own guesses only past the accepted prefix).
 
-``early_exit`` (self-speculative) drafts with the target's first ``early_exit_layers``
-layers, its final norm and its LM head: the same parameter arrays (no copy), a model
-config with fewer layers.  Its K/V for those layers lives in the draft engine's pool;
-the verify pass recomputes them (a one-pass early exit that reuses the target's K/V for
-the shared layers would need a forward that resumes at layer ``n``: not built).
-
 This module lives in the engine package because it runs an :class:`LLMEngine`; the
 proposer registry (:mod:`jaxllm.spec.proposer`) imports it by name.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax
@@ -38,7 +32,7 @@ from jaxllm.spec.config import SpeculativeConfig, check_draft_vocab
 from jaxllm.spec.proposer import Draft, DraftRequest, TargetModel, register_proposer
 from jaxllm.weights import load_model
 
-__all__ = ["EngineDraftProposer", "early_exit_params"]
+__all__ = ["EngineDraftProposer"]
 
 
 class EngineDraftProposer:
@@ -71,20 +65,6 @@ class EngineDraftProposer:
         pass  # draft requests end with each round; their cached pages age out (LRU)
 
 
-def early_exit_params(params, cfg, num_layers: int):
-    """``(params, cfg)`` of the target's first ``num_layers`` layers + final norm + LM
-    head, sharing the target's arrays (per-layer list or stacked ``[L, ...]``)."""
-    if not 1 <= num_layers < cfg.num_layers:
-        raise ValueError(f"early_exit_layers must be in [1, {cfg.num_layers - 1}] for a "
-                         f"{cfg.num_layers}-layer target, got {num_layers}")
-    layers = params["layers"]
-    if isinstance(layers, dict):
-        layers = jax.tree.map(lambda w: w[:num_layers], layers)
-    else:
-        layers = list(layers[:num_layers])
-    return {**params, "layers": layers}, dataclasses.replace(cfg, num_layers=num_layers)
-
-
 def _build_draft_model(config: SpeculativeConfig, target: TargetModel) -> EngineDraftProposer:
     loaded = load_model(config.model, dtype=target.dtype)
     check_draft_vocab(target.cfg.vocab_size, loaded.config.vocab_size)
@@ -92,11 +72,4 @@ def _build_draft_model(config: SpeculativeConfig, target: TargetModel) -> Engine
     return EngineDraftProposer("draft_model", params, loaded.config, target)
 
 
-def _build_early_exit(config: SpeculativeConfig, target: TargetModel) -> EngineDraftProposer:
-    n = config.early_exit_layers or max(1, target.cfg.num_layers // 4)
-    params, cfg = early_exit_params(target.params, target.cfg, n)
-    return EngineDraftProposer("early_exit", params, cfg, target)
-
-
 register_proposer("draft_model", _build_draft_model)
-register_proposer("early_exit", _build_early_exit)

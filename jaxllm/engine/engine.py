@@ -158,6 +158,11 @@ class LLMEngine:
         self.speculator = speculator
         self.runner.return_hidden = speculator is not None and speculator.needs_hidden
         self.runner.lookup_n = speculator.lookup_n if speculator is not None else 0
+        draft_layers = getattr(speculator.proposer, "draft_layers", 0) if speculator else 0
+        if draft_layers and self.runner.pool.model is not None:
+            raise ValueError("early_exit drafts inside the target's step on one device; "
+                             "this engine's model is sharded over a mesh")
+        self.runner.draft_layers = draft_layers
         if speculator is not None:
             self.runner.speculates = speculator.speculates
 
@@ -250,6 +255,8 @@ class LLMEngine:
             self._fail_all(batch, "engine step failed")
             raise
         self._count_dispatch(batch, plan)
+        if result.drafts is not None:
+            _fill_drafts(batch, result.drafts)
         self._record_verifies(batch, result)
         if result.hidden is not None:
             self._hidden.update((e.seq_id, h) for e, h in zip(batch.scheduled_seqs,
@@ -426,3 +433,14 @@ class LLMEngine:
         use); returns how many step shapes were run.  Writes only into the null page."""
         steps = sorted(set(num_steps or {self.config.num_scheduler_steps}))
         return self.runner.warmup(RowParams(stop_ids=self.eos_token_ids), steps)
+
+
+def _fill_drafts(batch: SchedulerOutput, drafts: Sequence[tuple[int, ...] | None]) -> None:
+    """Put the drafts a step made on device (early exit) in place of the placeholders its
+    verify entries were scheduled with, so that the scheduler checks and appends the kept
+    ones as it does any proposer's."""
+    for i, (e, d) in enumerate(zip(batch.scheduled_seqs, drafts)):
+        if d is not None and e.draft_ids:
+            assert len(d) == len(e.draft_ids), (e, d)
+            batch.scheduled_seqs[i] = dataclasses.replace(
+                e, draft_ids=d, token_ids=e.token_ids[:len(e.token_ids) - len(d)] + d)

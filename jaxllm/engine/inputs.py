@@ -94,6 +94,8 @@ class StepSpec(NamedTuple):
     num_draft: int = 0  # K: draft tokens per verify row
     draft_probs: bool = False  # the drafts come with their distributions (else point masses)
     return_hidden: bool = False  # return each sample row's final hidden state (draft heads)
+    draft_layers: int = 0  # > 0: the verify drafts are made in the step by the target's
+    #                        first draft_layers layers (early exit); 0: they come packed
     lookup_n: int = 0  # decode loop: stop once a watched row's last n tokens occurred
     #                    before in its tokens (an n-gram draft exists); 0: never
     lookup_width: int = 0  # L: token columns of ``lookup_ids``

@@ -77,6 +77,8 @@ class StepResult:
     prompt token (positions ``p`` -> logprob of prompt token ``p + 1``).  ``hidden[i]``
     (runners built with ``return_hidden``): the final hidden state ``[D]`` float32 that
     entry ``i``'s last new token was read from (None when it sampled nothing).
+    ``drafts[i]`` (steps that draft on device, early exit): verify entry ``i``'s draft
+    tokens as the step made them (None for the other entries).
     """
 
     tokens: list[list[list[int]]]
@@ -84,6 +86,7 @@ class StepResult:
     prompt_logprobs: list[tuple | None] | None = None
     spec: StepSpec | None = None
     hidden: list[np.ndarray | None] | None = None
+    drafts: list[tuple[int, ...] | None] | None = None
 
 
 # ------------------------------------------------------------------------------ host runner
@@ -125,6 +128,8 @@ class ModelRunner:
                                                    | {num_speculative_tokens + 1}))
             self.mixed_decode_buckets = (0,) + tuple(x for x in _pow4_buckets(rows) if x > 1)
         self.return_hidden = return_hidden  # hidden states back with the tokens (draft heads)
+        # early exit: verify steps draft on device with the first draft_layers layers
+        self.draft_layers = 0
         # n-gram speculation: a multi-token decode stops once a watched row could be drafted
         # (prompt_lookup_min; 0: off).  One history width, the longest table's tokens, so
         # watching adds one program per decode bucket, not one per length.  Batches the
@@ -216,6 +221,7 @@ class ModelRunner:
                         prompt_logprobs=plp, num_copies=copies, stop_width=stop_w,
                         penalty_lens=pen, num_verify=nv, num_draft=nk,
                         draft_probs=draft_probs and nv > 0, return_hidden=self.return_hidden,
+                        draft_layers=self.draft_layers if nv else 0,
                         **self._lookup_fields(watch))
 
     def _lookup_fields(self, watch: bool) -> dict[str, int]:
@@ -378,8 +384,12 @@ class ModelRunner:
                 logprobs.append(ent_l)
         plp = _prompt_logprobs(out, res["plp"], inputs.next_ids) if "plp" in res else None
         hidden = _hidden_rows(layout, res) if "hidden" in res else None
+        drafts = None
+        if "drafts" in res:
+            drafts = [None if v < 0 else tuple(int(t) for t in res["drafts"][v] if t >= 0)
+                      for v in (layout.verify_rows or ())]
         return StepResult(tokens=tokens, logprobs=logprobs, prompt_logprobs=plp, spec=spec,
-                          hidden=hidden)
+                          hidden=hidden, drafts=drafts)
 
 
 def _hidden_rows(layout: TokenLayout, res: dict) -> list[np.ndarray | None]:

@@ -20,11 +20,14 @@ head runs once over the step's decode rows (a verify's fed rows are among them) 
 prefill sample rows, and each verify gathers the logits of its rows (``x.ver_idx``).
 The same suppression and penalties as plain sampling apply (the counts of each position
 include the drafts before it) and :func:`jaxllm.spec.rejection.verify_drafts` keeps the
-accepted prefix plus one target token.  Only those ids return.
+accepted prefix plus one target token.  Only those ids return.  With early exit
+(``spec.draft_layers``) the step first makes the drafts itself: greedy passes of the
+target's first layers over the verify rows' own slots (:func:`_early_exit_drafts`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -132,6 +135,54 @@ def _make_attend(x: StepInputs, spec: StepSpec, cfg: ModelConfig, impl: str, pag
     return attend_pages
 
 
+# ------------------------------------------------------------------------------ early exit
+
+def _early_exit_drafts(params, caches, x: StepInputs, cfg: ModelConfig, spec: StepSpec,
+                       impl: str, page_size: int):
+    """Draft every verify row inside the step (``spec.draft_layers``: early exit).
+
+    Pass ``j`` feeds each verify's fed row ``j`` (its last token, then draft ``j``) through
+    the target's first ``n`` layers, final norm and LM head as a decode row over the
+    sequence's own pages: it writes the shared layers' K/V to that row's slot, attends
+    everything before it, and takes the argmax as draft ``j + 1``.  Rows past a verify's
+    ``ver_num`` write nothing.  Returns ``(caches, x, drafts [B, K])`` with the drafts
+    fed (``x.input_ids``) and verified (``x.ver_draft``) by the rest of the step; the
+    full forward then rewrites the shared layers' K/V at these slots with the same
+    values."""
+    from jaxllm.spec.early_exit import early_exit_params
+
+    n = spec.draft_layers
+    ee_params, ee_cfg = early_exit_params(params, cfg, n)
+    b, k = x.ver_draft.shape
+    idx = x.ver_idx
+    dspec = spec._replace(num_decodes=b, num_prefill_tokens=0, num_prefill_seqs=0)
+    per_layer = not _stacked(caches)
+
+    def one(j, carry):
+        caches, drafts = carry
+        live = j < x.ver_num
+        rows = idx[:, j]
+        tok = jnp.where(j == 0, x.input_ids[idx[:, 0]], drafts[:, jnp.maximum(j - 1, 0)])
+        pos = x.positions[rows]
+        slots = jnp.where(live, x.slot_mapping[rows], PAD_SLOT)
+        kv_lens = jnp.where(live, pos + 1, 0)
+        attend = _make_attend(x, dspec, ee_cfg, impl, page_size, slots, x.dec_tables[rows],
+                              kv_lens)
+        shared = caches[:n] if per_layer else caches
+        hidden, shared = _forward(ee_params, ee_cfg, tok[None], pos[None], shared, attend)
+        caches = list(shared) + list(caches[n:]) if per_layer else shared
+        tok = jnp.argmax(llama.lm_head(ee_params, ee_cfg, hidden[0]), axis=-1)
+        return caches, drafts.at[:, j].set(tok.astype(jnp.int32))
+
+    caches = list(caches) if per_layer else caches
+    caches, drafts = jax.lax.fori_loop(0, k, one, (caches, jnp.zeros((b, k), jnp.int32)))
+    kept = jnp.arange(k)[None, :] < x.ver_num[:, None]
+    drafts = jnp.where(kept, drafts, -1)
+    dst = jnp.where(kept, idx[:, 1:], x.input_ids.shape[0])  # out of range: dropped
+    input_ids = x.input_ids.at[dst.reshape(-1)].set(drafts.reshape(-1), mode="drop")
+    return caches, dataclasses.replace(x, input_ids=input_ids, ver_draft=drafts), drafts
+
+
 # ------------------------------------------------------------------------------ sampling
 
 def _sample_rows(logits, x: StepInputs, spec: StepSpec, step, counts, prompt_mask):
@@ -213,6 +264,9 @@ def paged_step(params, caches, x: StepInputs, *, cfg: ModelConfig, spec: StepSpe
         return _decode_loop(params, caches, x, cfg, spec, impl, page_size, model, counts,
                             prompt_mask)
     lm_head = llama.lm_head if model is None else model.lm_head
+    drafts = None
+    if spec.draft_layers and spec.num_verify:
+        caches, x, drafts = _early_exit_drafts(params, caches, x, cfg, spec, impl, page_size)
     attend = _make_attend(x, spec, cfg, impl, page_size, x.slot_mapping, x.dec_tables,
                           x.dec_kv_lens)
     hidden, caches = _forward(params, cfg, x.input_ids[None], x.positions[None], caches,
@@ -235,6 +289,8 @@ def paged_step(params, caches, x: StepInputs, *, cfg: ModelConfig, spec: StepSpe
                                                          prompt_mask)
         if ver_lp is not None:
             out["ver_lp"] = ver_lp
+        if drafts is not None:
+            out["drafts"] = drafts
     if spec.return_hidden:  # the state each emitted token was read from (draft heads)
         out["hidden"] = h[x.logits_idx].astype(jnp.float32)
         if spec.num_verify:

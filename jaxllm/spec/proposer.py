@@ -63,7 +63,10 @@ class Proposer(Protocol):
     sequences without one yet (a fresh fork) are not offered to it that step.  A proposer
     with a ``lookup_n`` attribute (> 0) drafts exactly when a sequence's last
     ``lookup_n`` tokens occurred earlier in it (prompt lookup): the engine's multi-token
-    decode then stops as soon as that happens, so the next step can verify."""
+    decode then stops as soon as that happens, so the next step can verify.  A proposer
+    with a ``draft_layers`` attribute (> 0, early exit) returns placeholder drafts of the
+    wanted length: the verify step drafts them on device from the target's first
+    ``draft_layers`` layers (:mod:`jaxllm.spec.early_exit`)."""
 
     method: str
 
@@ -103,9 +106,9 @@ def register_proposer(method: str, build: Callable[[Any, TargetModel], Proposer]
 
 
 # the module that registers each built-in method's proposer (imported on first use)
-# (the draft-model proposers run a second engine, so they live in the engine package)
+# (the draft-model proposer runs a second engine, so it lives in the engine package)
 _MODULES = {"ngram": "jaxllm.spec.ngram", "draft_model": "jaxllm.engine.draft",
-            "early_exit": "jaxllm.engine.draft", "medusa": "jaxllm.spec.head_proposer",
+            "early_exit": "jaxllm.spec.early_exit", "medusa": "jaxllm.spec.head_proposer",
             "eagle": "jaxllm.spec.head_proposer"}
 
 
