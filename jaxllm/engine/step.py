@@ -175,7 +175,9 @@ def _early_exit_drafts(params, caches, x: StepInputs, cfg: ModelConfig, spec: St
         return caches, drafts.at[:, j].set(tok.astype(jnp.int32))
 
     caches = list(caches) if per_layer else caches
-    caches, drafts = jax.lax.fori_loop(0, k, one, (caches, jnp.zeros((b, k), jnp.int32)))
+    # as many passes as the longest draft asked for (adaptive k shortens them)
+    caches, drafts = jax.lax.fori_loop(0, jnp.max(x.ver_num), one,
+                                       (caches, jnp.zeros((b, k), jnp.int32)))
     kept = jnp.arange(k)[None, :] < x.ver_num[:, None]
     drafts = jnp.where(kept, drafts, -1)
     dst = jnp.where(kept, idx[:, 1:], x.input_ids.shape[0])  # out of range: dropped
