@@ -39,6 +39,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.engine.inputs import PAD_SLOT, StepInputs, StepSpec
 from jaxllm.models import llama
 from jaxllm.sampling import apply_penalties, sample, suppress
+from jaxllm.spec.early_exit import early_exit_params
 from jaxllm.spec.rejection import verify_drafts
 
 __all__ = ["paged_step", "paged_step_jit"]
@@ -149,8 +150,6 @@ def _early_exit_drafts(params, caches, x: StepInputs, cfg: ModelConfig, spec: St
     fed (``x.input_ids``) and verified (``x.ver_draft``) by the rest of the step; the
     full forward then rewrites the shared layers' K/V at these slots with the same
     values."""
-    from jaxllm.spec.early_exit import early_exit_params
-
     n = spec.draft_layers
     ee_params, ee_cfg = early_exit_params(params, cfg, n)
     b, k = x.ver_draft.shape
