@@ -59,8 +59,9 @@ class _Grid:
     """The quantization grid of the rows being processed: ``int8`` (static per-column
     scales) or ``int4`` groups (set per group, statically or when the group starts)."""
 
-    def __init__(self, w: np.ndarray, bits: int, group_size: int, static: bool) -> None:
-        self.bits, self.g = bits, group_size
+    def __init__(self, w: np.ndarray, bits: int, group_size: int, static: bool,
+                 clip: np.ndarray | None = None) -> None:
+        self.bits, self.g, self.clip = bits, group_size, clip
         k, n = w.shape
         if bits == 8:
             self.scale = (np.max(np.abs(w), axis=0, keepdims=True) / 127.0).astype(np.float32)
@@ -74,6 +75,8 @@ class _Grid:
     def set_group(self, gi: int, rows: np.ndarray) -> None:
         """Scale and offset of int4 group ``gi`` from its current ``rows [g, N]``."""
         lo, hi = rows.min(axis=0), rows.max(axis=0)
+        if self.clip is not None:
+            lo, hi = lo * self.clip[gi, 0], hi * self.clip[gi, 1]
         self.scale[gi] = ((hi - lo) / 15.0).astype(np.float16)
         self.offset[gi] = lo.astype(np.float16)
 
@@ -91,7 +94,7 @@ class _Grid:
 
 def gptq_quantize(w: Any, h: np.ndarray, bits: int = 4, group_size: int = 128,
                   act_order: bool = False, dtype: Any = np.float32, damp: float = DAMP,
-                  block: int = BLOCK) -> QuantizedArray:
+                  block: int = BLOCK, clip: np.ndarray | None = None) -> QuantizedArray:
     """GPTQ of one weight ``w [K, N]`` with Hessian ``h [K, K]`` (module docstring).
     ``bits``: 8 (per output channel) or 4 (groups of ``group_size`` along K)."""
     w = np.array(w, np.float64)
@@ -108,7 +111,7 @@ def gptq_quantize(w: Any, h: np.ndarray, bits: int = 4, group_size: int = 128,
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead] = 0.0
-    grid = _Grid(w, bits, group_size, static=act_order)
+    grid = _Grid(w, bits, group_size, static=act_order, clip=clip)
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     u = _inverse_cholesky(h[np.ix_(order, order)], damp)
     wp = w[order]
