@@ -102,6 +102,18 @@ def test_gptq_codes_stay_on_their_grid():
     codes = np.asarray(q.codes())
     assert codes.min() >= 0 and codes.max() <= 15
     np.testing.assert_array_equal(dequantize64(q), dequantize64(quantize_int4(w, 32)))
+    # clip ratios shrink each group's grid to [r_lo min, r_hi max]: with no cross-terms,
+    # exactly RTN of the weight clipped to that range; all-ones ratios change nothing
+    r = rng.uniform(0.6, 1.0, (2, 2, 16))
+    wg = w.reshape(2, 32, 16)
+    lo, hi = wg.min(axis=1, keepdims=True), wg.max(axis=1, keepdims=True)
+    clipped = np.clip(wg, lo * r[:, :1], hi * r[:, 1:]).reshape(64, 16)
+    np.testing.assert_array_equal(dequantize64(gptq_quantize(w, h, 4, 32, clip=r)),
+                                  dequantize64(quantize_int4(clipped, 32)))
+    np.testing.assert_array_equal(dequantize64(gptq_quantize(w, h, 4, 32, clip=np.ones_like(r))),
+                                  dequantize64(q))
+    with pytest.raises(ValueError, match="clip ratios"):
+        gptq_quantize(w, h, 4, 32, clip=r[:, 0])
 
 
 # --------------------------------------------------------------------------- smoothing folds

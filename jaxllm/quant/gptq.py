@@ -96,7 +96,9 @@ def gptq_quantize(w: Any, h: np.ndarray, bits: int = 4, group_size: int = 128,
                   act_order: bool = False, dtype: Any = np.float32, damp: float = DAMP,
                   block: int = BLOCK, clip: np.ndarray | None = None) -> QuantizedArray:
     """GPTQ of one weight ``w [K, N]`` with Hessian ``h [K, K]`` (module docstring).
-    ``bits``: 8 (per output channel) or 4 (groups of ``group_size`` along K)."""
+    ``bits``: 8 (per output channel) or 4 (groups of ``group_size`` along K).  ``clip``
+    (int4 only): ``[K/g, 2, N]`` ratios ``(r_lo, r_hi)`` that shrink each group's grid to
+    ``[r_lo min, r_hi max]`` (``awq.clip_ratios``)."""
     w = np.array(w, np.float64)
     k, n = w.shape
     if h.shape != (k, k):
@@ -107,6 +109,9 @@ def gptq_quantize(w: Any, h: np.ndarray, bits: int = 4, group_size: int = 128,
                          f"dimension {k} of a weight of shape {w.shape} (and block {block})")
     if bits not in (4, 8):
         raise ValueError(f"gptq bits must be 4 or 8, got {bits}")
+    if clip is not None and (bits != 4 or np.shape(clip) != (k // group_size, 2, n)):
+        raise ValueError(f"gptq clip ratios must be [K/g, 2, N] = {(k // group_size, 2, n)} "
+                         f"with 4-bit groups, got shape {np.shape(clip)} at {bits} bits")
     h = np.array(h, np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
